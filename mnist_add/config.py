@@ -1,0 +1,203 @@
+"""The one typed schema of a run, and how it is loaded: defaults < YAML files < command line.
+
+The config is read-only once loaded. Runtime facts (rank, device, ...) live in
+`mnist_add.distributed.Runtime`, never in here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message says what to change."""
+
+
+class Arch(str, Enum):
+    seed = "seed"  # the classroom network, exactly
+    convnet = "convnet"  # the default: a small BatchNorm CNN
+
+
+class Heads(str, Enum):
+    joint = "joint"  # one Linear(hidden, 29) read as 10 digit + 19 sum logits (seed approach 1)
+    separate = "separate"  # Linear(hidden, 10) and Linear(hidden, 19) (seed approach 2)
+
+
+class SumHead(str, Enum):
+    free = "free"  # learned sum logits, as in the seed
+    structured = "structured"  # sum distribution = digit distribution shifted by the addend
+    regression = "regression"  # one scalar regressed on the sum (seed's third attempt, loss.sum=mse)
+
+
+class SumLoss(str, Enum):
+    ce = "ce"
+    mse = "mse"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on a CUDA device that supports it, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when credentials are available, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # folder holding MNIST/raw/ (torchvision's layout)
+    download: bool = True  # fetch MNIST through torchvision when the files are missing
+    train_samples: int = 0  # use only the first N training images (0: all 60k)
+    test_samples: int = 0  # evaluate on the first N test images (0: all 10k)
+    augment: bool = True  # random affine on whole training batches
+    max_rotation_deg: float = 10.0
+    max_shift_px: float = 2.0
+    max_scale_delta: float = 0.1  # scale drawn from [1 - d, 1 + d]
+    on_device: bool = True  # keep the uint8 dataset on the GPU when training on CUDA
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.convnet
+    heads: Heads = Heads.separate  # how a free sum head sits next to the digit head
+    sum_head: SumHead = SumHead.structured
+    width: int = 32  # convnet: channels of the first block (doubled per block)
+    addend_dim: int = 20  # size of the learned embedding of the one-hot addend
+    channels_last: bool = True  # memory format of conv activations (faster on CPU and GPU)
+
+
+@dataclass
+class LossWeights:
+    digit: float = 1.0
+    sum: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    weights: LossWeights = field(default_factory=LossWeights)
+    sum: SumLoss = SumLoss.ce
+    label_smoothing: float = 0.0  # for cross-entropy on free heads (a structured sum has no spare classes)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.2  # share of the steps spent rising to the peak
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    epochs: int = 5
+    batch_size: int = 128  # global: summed over all ranks
+    eval_batch_size: int = 1000  # global, for the test set
+    precision: Precision = Precision.auto
+    num_threads: int = 0  # torch.set_num_threads per process (0: leave torch's default)
+    resume: str = "auto"  # auto (newest good checkpoint in run.dir), never, or a checkpoint path
+    save_every_steps: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    keep_checkpoints: int = 2  # newest step checkpoints kept; best.pt is kept apart
+    log_every_steps: int = 50
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for tests and benches
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # nccl on CUDA, gloo on CPU
+    timeout_s: int = 300  # a collective waiting longer than this ends the job instead of hanging it
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.auto  # WANDB_MODE in the environment wins
+    project: str = "mnist-add"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None  # default: <run.dir>/wandb
+    init_timeout_s: float = 30.0  # give up going online after this long and continue offline
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # everything the run writes goes here; resume=auto looks here
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(files: list[str] = (), overrides: list[str] = (), schema: type = Config) -> DictConfig:
+    """Merge the schema's defaults, YAML `files` in order, then `key=value` overrides; validate."""
+    try:
+        cfg = OmegaConf.structured(schema)
+        for path in files:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(_existing(path)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {err}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _existing(path: str) -> Path:
+    """A config file as given, or by name from configs/ (`--config debug`)."""
+    for candidate in (Path(path), CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {path!r} not found (looked as given and in {CONFIG_DIR})")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks across fields that the types alone cannot express."""
+    mse, regression = cfg.loss.sum == SumLoss.mse, cfg.model.sum_head == SumHead.regression
+    if mse != regression:
+        raise ConfigError(
+            "loss.sum=mse and model.sum_head=regression go together (MSE needs a scalar sum output): "
+            "set both, or neither"
+        )
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.keep_checkpoints"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.dist.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
+
+
+def parse_args(argv: list[str] | None, description: str, schema: type = Config) -> DictConfig:
+    """The command line shared by the entry points: `[--config FILE ...] [key=value ...]`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML file merged over the defaults (repeatable; a name from configs/ works too)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, applied last")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, schema)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python (enums as their names), for JSON, W&B and checkpoints."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -1,0 +1,204 @@
+"""MNIST paired with addends: the dataset, its batched fast path, and resumable distributed sampling.
+
+Everything random here (addends, augmentation, order) is a pure function of (seed, epoch, index)
+or (seed, epoch, step), so every rank, restart and world size sees the same thing without saving
+any RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+from torchvision.datasets import MNIST
+
+from mnist_add.config import ConfigError
+
+MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, as the seed normalised
+NUM_ADDENDS = 10  # addends 0..9 inclusive (the seed's randrange(0, 9) never drew 9)
+NUM_SUMS = 19  # sums 0..18
+TEST_ADDEND_SEED = 20_240_601  # test pairs never change, whatever the training seed
+IMAGE_SHAPE = (28, 28)
+
+
+class DatasetError(RuntimeError):
+    """The MNIST files are missing or unreadable; the message says how to fix it."""
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # [B, 1, 28, 28] float, normalised
+    digits: torch.Tensor  # [B] int64, 0..9
+    addends: torch.Tensor  # [B] int64, 0..9
+    sums: torch.Tensor  # [B] int64, 0..18
+
+
+class MNISTAdd(MNIST):
+    """MNIST images with a deterministic addend: item `i` is `(image, digit, addend, sum)`.
+
+    The training split draws addend `i` uniformly from 0..9 as a function of (seed, epoch, i);
+    `set_epoch` moves to another draw. The test split has one fixed addend per image.
+    `batch(indices)` is the fast path: it indexes the uint8 tensor and normalises (and, with
+    `augment`, randomly warps) the whole batch at once, on whatever device the data is on.
+    """
+
+    def __init__(self, root: str, train: bool = True, download: bool = False, seed: int = 0,
+                 num_samples: int = 0, augment: "Augment | None" = None):
+        root = os.path.expanduser(root)
+        try:
+            super().__init__(root, train=train, download=download)
+        except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+            raise DatasetError(_explain_load_failure(self.raw_folder, download, err)) from err
+        self._check_loaded(root)
+        self.num_total = len(self.targets)
+        if num_samples:
+            self.data, self.targets = self.data[:num_samples], self.targets[:num_samples]
+        self.seed, self.augment = seed, augment if train else None
+        self.epoch = 0
+        self._per_epoch: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+
+    # torchvision names the folders after the class; ours reads MNIST's own files.
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, "MNIST", "raw")
+
+    @property
+    def processed_folder(self) -> str:
+        return os.path.join(self.root, "MNIST", "processed")
+
+    def _check_loaded(self, root: str) -> None:
+        expected = 60_000 if self.train else 10_000
+        if self.data.shape != (expected, *IMAGE_SHAPE) or len(self.targets) != expected or self.targets.max() > 9:
+            raise DatasetError(_corrupt(self.raw_folder, f"images {tuple(self.data.shape)}, {len(self.targets)} "
+                                                         f"labels; expected {expected}"))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training addends and augmentation change with the epoch; the test split ignores it."""
+        self.epoch = epoch
+
+    def to(self, device: torch.device) -> "MNISTAdd":
+        self.data, self.targets = self.data.to(device), self.targets.to(device)
+        self._per_epoch = None
+        return self
+
+    def addends(self) -> torch.Tensor:
+        """[N] int64: the addend of every sample in the current epoch."""
+        return self._epoch_tables()[1]
+
+    def _epoch_tables(self) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        key = self.epoch if self.train else 0
+        if self._per_epoch is None or self._per_epoch[0] != key:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + key if self.train else TEST_ADDEND_SEED)
+            # Drawn for all 60k/10k images so that a subset sees the same addends as the full set.
+            addends = torch.randint(0, NUM_ADDENDS, (self.num_total,), generator=gen)[: len(self.targets)]
+            warps = self.augment.draw(self.num_total, gen)[: len(self.targets)] if self.augment else None
+            device = self.data.device
+            self._per_epoch = (key, addends.to(device), None if warps is None else warps.to(device))
+        return self._per_epoch
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        """The samples at `indices` ([B] int64), batched, on the data's device."""
+        _, addends, warps = self._epoch_tables()
+        indices = indices.to(self.data.device)
+        images = self.data[indices].unsqueeze(1).float().div_(255)
+        if warps is not None:
+            images = self.augment.apply(images, warps[indices])
+        images = images.sub_(MEAN).div_(STD)
+        digits, addends = self.targets[indices], addends[indices]
+        return Batch(images, digits, addends, digits + addends)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        images, digits, addends, sums = self.batch(torch.tensor([index]))
+        return images[0], int(digits[0]), int(addends[0]), int(sums[0])
+
+
+class Augment:
+    """Random affine warps (rotation, shift, scale) drawn per sample and applied to whole batches."""
+
+    def __init__(self, max_rotation_deg: float, max_shift_px: float, max_scale_delta: float):
+        self.max_rotation = math.radians(max_rotation_deg)
+        self.max_shift = 2 * max_shift_px / IMAGE_SHAPE[0]  # affine_grid works in [-1, 1] coordinates
+        self.max_scale_delta = max_scale_delta
+
+    def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """[n, 4]: rotation (rad), shift x, shift y, scale for n samples."""
+        u = torch.rand(n, 4, generator=gen) * 2 - 1
+        return u * torch.tensor([self.max_rotation, self.max_shift, self.max_shift, self.max_scale_delta]) \
+            + torch.tensor([0.0, 0.0, 0.0, 1.0])
+
+    @staticmethod
+    def apply(images: torch.Tensor, warps: torch.Tensor) -> torch.Tensor:
+        angle, tx, ty, scale = warps.unbind(1)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+def _explain_load_failure(raw: str, download: bool, err: Exception) -> str:
+    names = [os.path.splitext(os.path.basename(url))[0] for url, _ in MNIST.resources]
+    if all(os.path.isfile(os.path.join(raw, name)) for name in names):
+        return _corrupt(raw, str(err).splitlines()[0] if str(err) else type(err).__name__)
+    tried = f"downloading failed: {str(err).splitlines()[0]}" if download else "data.download=false"
+    return (
+        f"MNIST not found in {raw} ({tried}). Fix it either way: run once with data.download=true on a "
+        f"machine with internet (files land in {raw}), or set data.root=DIR to a folder that holds "
+        f"MNIST/raw/ with the four idx files."
+    )
+
+
+def _corrupt(raw: str, detail: str) -> str:
+    return (
+        f"MNIST files in {raw} are truncated or corrupt ({detail}). Delete them and download again "
+        f"(data.download=true), or set data.root=DIR to a good copy."
+    )
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """This rank's share of each global batch of an epoch, from a given step on.
+
+    The global batches depend only on (seed, epoch, global batch size): the same samples in the
+    same order on any world size, so a checkpoint's step count is a position valid everywhere.
+    Rank r takes the r-th contiguous slice of each global batch. The last partial batch is
+    dropped so that every step has exactly `global_batch_size` samples.
+    """
+
+    def __init__(self, dataset: MNISTAdd, global_batch_size: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        if global_batch_size % num_replicas:
+            raise ConfigError(
+                f"trainer.batch_size={global_batch_size} is the global batch and must divide evenly over "
+                f"{num_replicas} processes; pick a multiple of {num_replicas}"
+            )
+        if global_batch_size > len(dataset):
+            raise ConfigError(f"trainer.batch_size={global_batch_size} exceeds the {len(dataset)} training samples")
+        self.global_batch_size = global_batch_size
+        self.batch_size_per_rank = global_batch_size // num_replicas
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch_size
+
+    def set_start_step(self, step: int) -> None:
+        """Skip the first `step` global batches of the current epoch (resuming mid-epoch)."""
+        self.start_step = step
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        first = self.rank * self.batch_size_per_rank
+        for step in range(self.start_step, self.steps_per_epoch):
+            global_batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
+            yield global_batch[first:first + self.batch_size_per_rank]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
+def shard_batches(num_samples: int, global_batch_size: int, rank: int, world_size: int):
+    """Evaluation shards: rank r takes samples r, r + W, ... with no padding duplicates."""
+    mine = torch.arange(rank, num_samples, world_size)
+    return mine.split(max(1, global_batch_size // world_size))

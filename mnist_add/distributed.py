@@ -1,0 +1,128 @@
+"""Where this process sits in the job: launcher environment, process group, stop signals, collectives.
+
+The only module that reads launcher variables (torchrun's, SLURM's); the rest of the code sees a
+frozen `Runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mnist_add.config import DistConfig
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launcher_ranks(env=os.environ) -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun/submitit (RANK, ...) or a bare `srun` step."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    # Inside an srun step (not the batch shell, which also has SLURM_PROCID=0): one task is one rank.
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    return 0, 0, 1
+
+
+def _slurm_rendezvous(env=os.environ) -> dict[str, str]:
+    """MASTER_ADDR/PORT for an srun step that did not set them: the first node, a port from the job id."""
+    found = {}
+    if "MASTER_ADDR" not in env:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
+                               check=True, capture_output=True, text=True).stdout.split()
+        found["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in env:
+        found["MASTER_PORT"] = str(20_000 + int(env["SLURM_JOB_ID"]) % 20_000)
+    return found
+
+
+def setup(cfg: DistConfig) -> Runtime:
+    """Join the process group when launched as several ranks; pick this rank's device."""
+    rank, local_rank, world_size = launcher_ranks()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:
+            os.environ.update(_slurm_rendezvous())
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=cfg.timeout_s))
+    return Runtime(rank, local_rank, world_size, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; the identity on one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """True on every rank when it is true on any: the one decision all ranks must share."""
+    if not runtime.is_distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class StopSignals:
+    """Remembers that SIGTERM/SIGUSR1/SIGUSR2 arrived; the handler only sets a flag.
+
+    Acting on it (agreeing across ranks, saving, exiting) happens at the next step boundary, in
+    normal code. `previous` keeps the handlers that were there before (submitit's, for example)
+    so that a launcher can hand the signal on once the checkpoint is safe.
+    """
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self.previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum)

@@ -1,0 +1,126 @@
+"""Exact evaluation on the test set, sharded over ranks; `load_model`; and the evaluation CLI.
+
+    python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/best.pt [--exhaustive] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_add import checkpoint
+from mnist_add.config import Config, SumLoss
+from mnist_add.data import NUM_ADDENDS, NUM_SUMS, MNISTAdd, shard_batches
+from mnist_add.distributed import Runtime, all_reduce_sum
+from mnist_add.model import NUM_DIGITS, AddNet, build_model, task_losses
+
+
+@dataclass
+class Evaluation:
+    """Sums over the evaluated pairs (exact integers for counts), identical on every world size."""
+
+    num_pairs: int
+    loss_digit: float  # summed over pairs
+    loss_sum: float
+    digit_confusion: torch.Tensor  # [10, 10] int64: true digit x predicted digit
+    sum_confusion: torch.Tensor  # [19, 19] int64: true sum x predicted sum
+    both_correct: int
+
+    def metrics(self, prefix: str = "val/") -> dict[str, float]:
+        digits_right = int(self.digit_confusion.trace())
+        sums_right = int(self.sum_confusion.trace())
+        return {
+            f"{prefix}loss_digit": self.loss_digit / self.num_pairs,
+            f"{prefix}loss_sum": self.loss_sum / self.num_pairs,
+            f"{prefix}acc_digit": digits_right / self.num_pairs,
+            f"{prefix}acc_sum": sums_right / self.num_pairs,
+            f"{prefix}acc_both": self.both_correct / self.num_pairs,
+            f"{prefix}acc_sum_given_digit": self.both_correct / max(1, digits_right),
+        }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_size: int,
+             sum_loss: SumLoss, autocast=nullcontext, exhaustive: bool = False) -> Evaluation:
+    """Score every test image once (with its fixed addend), or with all ten addends if `exhaustive`.
+
+    Rank r scores images r, r + W, ...; the counts are summed over ranks, so the result does not
+    depend on the world size.
+    """
+    was_training = model.training
+    model.eval()
+    losses = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    digit_confusion = torch.zeros(NUM_DIGITS * NUM_DIGITS, dtype=torch.int64, device=runtime.device)
+    sum_confusion = torch.zeros(NUM_SUMS * NUM_SUMS, dtype=torch.int64, device=runtime.device)
+    both = torch.zeros(1, dtype=torch.int64, device=runtime.device)
+    for indices in shard_batches(len(dataset), batch_size, runtime.rank, runtime.world_size):
+        images, digits, addends, sums = _pairs(dataset, indices, exhaustive)
+        with autocast():
+            outputs = model(images, addends)
+        loss_digit, loss_sum = task_losses(outputs, digits, sums, sum_loss, reduction="sum")
+        losses += torch.stack([loss_digit, loss_sum]).double()
+        digit_pred, sum_pred = (o.argmax(1) for o in outputs)
+        digit_confusion += torch.bincount(digits * NUM_DIGITS + digit_pred, minlength=NUM_DIGITS ** 2)
+        sum_confusion += torch.bincount(sums * NUM_SUMS + sum_pred, minlength=NUM_SUMS ** 2)
+        both += ((digit_pred == digits) & (sum_pred == sums)).sum()
+    model.train(was_training)
+    for t in (losses, digit_confusion, sum_confusion, both):
+        all_reduce_sum(t)
+    return Evaluation(int(digit_confusion.sum()), float(losses[0]), float(losses[1]),
+                      digit_confusion.view(NUM_DIGITS, NUM_DIGITS).cpu(),
+                      sum_confusion.view(NUM_SUMS, NUM_SUMS).cpu(), int(both))
+
+
+def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool):
+    """The batch at `indices`; with `exhaustive`, each image repeated with addends 0..9."""
+    images, digits, addends, sums = dataset.batch(indices)
+    if not exhaustive:
+        return images, digits, addends, sums
+    addends = torch.arange(NUM_ADDENDS, device=digits.device).repeat(len(digits))
+    digits = digits.repeat_interleave(NUM_ADDENDS)
+    return images.repeat_interleave(NUM_ADDENDS, 0), digits, addends, digits + addends
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[AddNet, DictConfig]:
+    """The model stored in a checkpoint, in eval mode, and the config it was trained with."""
+    state = checkpoint.load(path)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), state[checkpoint.CONFIG])
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state[checkpoint.MODEL])
+    except RuntimeError as err:
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit model.arch={cfg.model.arch.value}: {err}")
+    return model.to(device).eval(), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the MNIST-add test set.")
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
+    parser.add_argument("--exhaustive", action="store_true", help="score every test image with all ten addends")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    args = parser.parse_args(argv)
+    try:
+        model, cfg = load_model(args.checkpoint)
+        test_set = MNISTAdd(args.data_root or cfg.data.root, train=False, download=False)
+    except (checkpoint.CheckpointError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result = evaluate(model, test_set, Runtime(), args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
+    metrics = {"pairs": result.num_pairs, **result.metrics(prefix="")}
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print("\n".join(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

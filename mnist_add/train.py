@@ -1,0 +1,378 @@
+"""Train the MNIST-add network. One entry point for every launcher:
+
+    python -m mnist_add.train [--config FILE ...] [key=value ...]      # one process (CPU or one GPU)
+    torchrun --nproc_per_node=N -m mnist_add.train [...]               # DDP, one rank per process
+    srun python -m mnist_add.train [...]  /  python -m job.submit [...] # SLURM
+
+Rank 0 writes the run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from mnist_add import checkpoint, distributed
+from mnist_add.checkpoint import Checkpointer, CheckpointError
+from mnist_add.config import ConfigError, DataConfig, OptimConfig, parse_args, to_dict
+from mnist_add.data import Augment, Batch, DatasetError, GlobalBatchSampler, MNISTAdd
+from mnist_add.distributed import Runtime, StopSignals
+from mnist_add.evaluate import evaluate
+from mnist_add.model import Criterion, build_model
+from mnist_add.precision import Autocast, build_precision
+from mnist_add.tracking import build_tracker
+
+log = logging.getLogger("mnist_add")
+
+SUMMARY_NAME = "summary.json"
+# A checkpoint's position means something only for the same sequence of batches and schedule.
+SEQUENCE_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples")
+
+
+@dataclass
+class Progress:
+    """Counters of completed work: all a resumed run needs to find its place."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # global batches completed in the current epoch
+    step: int = 0  # optimiser steps completed in total
+    best_acc_sum: float = -1.0  # best test sum accuracy so far (decides best.pt)
+    fingerprint: int = 0  # running checksum of the (index, addend) pairs trained on, in order
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {f.name for f in fields(self)}:
+            raise CheckpointError(f"progress keys {sorted(state)} do not match this version's")
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Learner:
+    """The model and what updates it: one object to step, checkpoint and restore."""
+
+    model: torch.nn.Module  # unwrapped: what is saved and evaluated
+    ddp_model: torch.nn.Module  # what is trained: DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Autocast
+    criterion: Criterion
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """One optimiser step; returns [loss, loss_digit, loss_sum, right digits, right sums, n] summed."""
+        with self.autocast():
+            outputs = self.ddp_model(batch.images, batch.addends)
+        loss, loss_digit, loss_sum = self.criterion(outputs, batch.digits, batch.sums)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        n = len(batch.digits)
+        right = [(o.argmax(1) == y).sum() for o, y in zip(outputs, (batch.digits, batch.sums))]
+        return torch.stack([loss * n, loss_digit * n, loss_sum * n, *right, torch.tensor(n)]).detach().double()
+
+    def state_dict(self) -> dict:
+        return {checkpoint.MODEL: self.model.state_dict(), checkpoint.OPTIMIZER: self.optimizer.state_dict(),
+                checkpoint.SCHEDULER: self.scheduler.state_dict(), checkpoint.SCALER: self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state[checkpoint.MODEL])
+        self.optimizer.load_state_dict(state[checkpoint.OPTIMIZER])
+        self.scheduler.load_state_dict(state[checkpoint.SCHEDULER])
+        self.scaler.load_state_dict(state[checkpoint.SCALER])
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train as configured, resuming from the run directory when it has checkpoints.
+
+    Returns the summary: status "completed", or "stopped" when a signal asked the job to stop
+    (a checkpoint was saved at a step boundary first).
+    """
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    torch.use_deterministic_algorithms(cfg.trainer.deterministic)
+    runtime = distributed.setup(cfg.dist)
+    try:
+        with StopSignals() as signals:
+            return _train(cfg, runtime, signals)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
+    started = time.perf_counter()
+    run_dir = Path(cfg.run.dir)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+
+    # Data: the same global batches on any world size, on the GPU when training there.
+    train_set, test_set = build_datasets(cfg.data, cfg.trainer.seed, runtime.device)
+    sampler = GlobalBatchSampler(train_set, cfg.trainer.batch_size, runtime.world_size, runtime.rank,
+                                 cfg.trainer.seed)
+    total_steps = cfg.trainer.epochs * sampler.steps_per_epoch
+
+    # Model and what updates it.
+    learner = build_learner(cfg, runtime, total_steps)
+    progress = Progress()
+
+    # Resume, then open tracking with the checkpoint's run id so a requeued job continues its W&B run.
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints, write=runtime.is_main)
+    resumed_from, run_id = maybe_resume(cfg, checkpointer, learner, progress)
+    tracker = build_tracker(cfg, runtime.is_main, run_id, progress.step if resumed_from else None)
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
+               unit="step", dynamic_ncols=True)
+    window = StepWindow(runtime.device)
+    result = None  # the latest test evaluation
+
+    def save(best: bool = False) -> Path:
+        state = {**learner.state_dict(), checkpoint.PROGRESS: progress.state_dict(), checkpoint.RNG: rng_state(),
+                 checkpoint.CONFIG: to_dict(cfg), checkpoint.TRACKING_RUN_ID: tracker.run_id}
+        return checkpointer.save(state, progress.step, best=best)
+
+    try:
+        while not finished(progress, cfg):
+            train_set.set_epoch(progress.epoch)
+            sampler.set_epoch(progress.epoch)
+            sampler.set_start_step(progress.step_in_epoch)
+            for indices in sampler:
+                # One step on this rank's share of the global batch.
+                batch = train_set.batch(indices)
+                window.add(learner.step(batch))
+                progress.step += 1
+                progress.step_in_epoch += 1
+                progress.fingerprint = fingerprint(progress.fingerprint, progress.step, indices, batch.addends)
+                bar.update()
+
+                # Log, stop on a signal, checkpoint: decisions every rank takes together.
+                if should_log(progress, cfg):
+                    metrics = window.flush(learner.scheduler.get_last_lr()[0],
+                                           progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
+                    tracker.log(metrics, progress.step)
+                    report_progress(bar, progress.step, metrics)
+                if distributed.any_rank(signals.received is not None, runtime):
+                    return stop(runtime, signals, save(), tracker, progress)
+                if should_save_mid_epoch(progress, cfg, sampler.steps_per_epoch):
+                    save()
+                if finished(progress, cfg):
+                    break
+
+            # End of epoch (or of max_steps): evaluate, then checkpoint with the verdict on best.pt.
+            if progress.step_in_epoch == sampler.steps_per_epoch:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+            result = evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress)
+            best = result.metrics()["val/acc_sum"] > progress.best_acc_sum
+            progress.best_acc_sum = max(progress.best_acc_sum, result.metrics()["val/acc_sum"])
+            save(best=best)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+
+    if result is None:  # resumed a run that had already finished
+        result = evaluate(learner.model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum)
+    summary = {"status": "completed", "step": progress.step, "epoch": progress.epoch,
+               "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
+               "resumed_from": str(resumed_from) if resumed_from else None,
+               "segment_wall_time_s": round(time.perf_counter() - started, 2),
+               "test": result.metrics(prefix="")}
+    finish_run(runtime, run_dir, summary, tracker, result)
+    bar.close()
+    return summary
+
+
+def build_datasets(cfg: DataConfig, seed: int, device: torch.device) -> tuple[MNISTAdd, MNISTAdd]:
+    augment = Augment(cfg.max_rotation_deg, cfg.max_shift_px, cfg.max_scale_delta) if cfg.augment else None
+    train_set = MNISTAdd(cfg.root, train=True, download=cfg.download, seed=seed,
+                         num_samples=cfg.train_samples, augment=augment)
+    test_set = MNISTAdd(cfg.root, train=False, download=False, num_samples=cfg.test_samples)
+    if device.type == "cuda" and cfg.on_device:
+        train_set.to(device), test_set.to(device)
+    return train_set, test_set
+
+
+def build_learner(cfg: DictConfig, runtime: Runtime, total_steps: int) -> Learner:
+    torch.manual_seed(cfg.trainer.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model).to(runtime.device)
+    ddp_model = DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None) \
+        if runtime.is_distributed else model
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    autocast, scaler = build_precision(cfg.trainer.precision, runtime.device)
+    return Learner(model, ddp_model, optimizer, scheduler, scaler, autocast,
+                   Criterion(cfg.loss, cfg.model.sum_head))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    """AdamW under a one-cycle schedule: the schedule is a function of the step, nothing to lose."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                                    pct_start=cfg.warmup_fraction)
+    return optimizer, scheduler
+
+
+def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
+                 progress: Progress) -> tuple[Path | None, str | None]:
+    """Restore per trainer.resume: `auto` (newest good checkpoint here, if any), `never`, or a path.
+
+    Returns (checkpoint used or None, the tracking run id it carried).
+    """
+    found: dict = {}
+
+    def restore(state: dict) -> None:
+        check_same_sequence(cfg, state[checkpoint.CONFIG])
+        try:
+            learner.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint does not fit this model (model.arch={cfg.model.arch.value}): "
+                                  f"{str(err).splitlines()[0]}") from err
+        progress.load_state_dict(state[checkpoint.PROGRESS])
+        set_rng_state(state[checkpoint.RNG])
+        found["run_id"] = state[checkpoint.TRACKING_RUN_ID]
+
+    if cfg.trainer.resume == "never":
+        if checkpointer.step_paths():
+            raise CheckpointError(f"trainer.resume=never but {checkpointer.directory} already has checkpoints; "
+                                  f"use a new run.dir, or trainer.resume=auto to continue")
+        return None, None
+    if cfg.trainer.resume == "auto":
+        path = checkpointer.restore_newest(restore)
+    else:
+        path = Path(cfg.trainer.resume)
+        restore(checkpoint.load(path))
+    if path:
+        log.info("resumed from %s at step %d (epoch %d, step %d in it)",
+                 path, progress.step, progress.epoch, progress.step_in_epoch)
+    return path, found.get("run_id")
+
+
+def check_same_sequence(cfg: DictConfig, saved: dict) -> None:
+    for key in SEQUENCE_KEYS:
+        ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(OmegaConf.create(saved), key)
+        if ours != theirs:
+            raise CheckpointError(f"checkpoint was written with {key}={theirs}, this run has {key}={ours}; "
+                                  f"resume with the same value, or start a new run.dir")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fingerprint(previous: int, step: int, indices: torch.Tensor, addends: torch.Tensor) -> int:
+    """Order-sensitive checksum of the pairs trained on, summed over ranks: equal runs saw equal data."""
+    local = (step * (indices.to(addends.device) * 10 + addends)).sum().reshape(1)
+    return (previous + int(distributed.all_reduce_sum(local).item())) % (1 << 61)
+
+
+class StepWindow:
+    """Training statistics summed since the last log line, reduced over ranks when read."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.started = time.perf_counter()
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
+
+    def flush(self, lr: float, epoch: float) -> dict[str, float]:
+        loss, loss_digit, loss_sum, right_digit, right_sum, n = distributed.all_reduce_sum(self.sums).tolist()
+        elapsed = time.perf_counter() - self.started
+        self.sums.zero_()
+        self.started = time.perf_counter()
+        return {"train/loss": loss / n, "train/loss_digit": loss_digit / n, "train/loss_sum": loss_sum / n,
+                "train/acc_digit": right_digit / n, "train/acc_sum": right_sum / n,
+                "lr": lr, "samples_per_s": n / elapsed, "epoch": epoch}
+
+
+def finished(progress: Progress, cfg: DictConfig) -> bool:
+    return progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step
+
+
+def should_log(progress: Progress, cfg: DictConfig) -> bool:
+    return progress.step % cfg.trainer.log_every_steps == 0
+
+
+def should_save_mid_epoch(progress: Progress, cfg: DictConfig, steps_per_epoch: int) -> bool:
+    every = cfg.trainer.save_every_steps
+    return every > 0 and progress.step % every == 0 and progress.step_in_epoch < steps_per_epoch
+
+
+def report_progress(bar: tqdm, step: int, metrics: dict[str, float]) -> None:
+    """On a terminal the bar shows it; in a log file, a line per log step."""
+    line = f"loss {metrics['train/loss']:.4f} digit {metrics['train/acc_digit']:.4f} " \
+           f"sum {metrics['train/acc_sum']:.4f} {metrics['samples_per_s']:.0f} samples/s"
+    if bar.disable:
+        log.info("step %d epoch %.2f: %s", step, metrics["epoch"], line)
+    else:
+        bar.set_postfix_str(line)
+
+
+def evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress):
+    if runtime.is_distributed:  # BatchNorm statistics: evaluate and save rank 0's on every rank
+        for buffer in learner.model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    result = evaluate(learner.model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
+                      learner.autocast)
+    metrics = result.metrics()
+    tracker.log({**metrics, "epoch": progress.epoch}, progress.step)
+    if runtime.is_main:
+        log.info("step %d epoch %d: test digit %.4f sum %.4f both %.4f", progress.step, progress.epoch,
+                 metrics["val/acc_digit"], metrics["val/acc_sum"], metrics["val/acc_both"])
+    return result
+
+
+def stop(runtime: Runtime, signals: StopSignals, saved: Path, tracker, progress: Progress) -> dict:
+    """All ranks agreed to stop at this step boundary, and `saved` holds the state they agreed on."""
+    why = signals.received.name if signals.received else "another rank's signal"
+    if runtime.is_main:
+        log.warning("stopping on %s at step %d; saved %s; run the same command again to resume",
+                    why, progress.step, saved)
+    tracker.finish()
+    distributed.barrier()  # nobody exits before rank 0 has written the checkpoint
+    return {"status": "stopped", "signal": why, "step": progress.step, "checkpoint": str(saved)}
+
+
+def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker, result) -> None:
+    if runtime.is_main:
+        (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("done: test digit %.4f sum %.4f both %.4f -> %s", summary["test"]["acc_digit"],
+                 summary["test"]["acc_sum"], summary["test"]["acc_both"], run_dir / SUMMARY_NAME)
+    tracker.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = distributed.launcher_ranks()[0]
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    try:
+        cfg = parse_args(argv, description=__doc__.splitlines()[0])
+        train(cfg)
+    except (ConfigError, DatasetError, CheckpointError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Stop the localhost SLURM cluster started by start.sh: cancel all jobs, shut down
+# slurmctld/slurmd, then slurmdbd, MariaDB and (if start.sh started it) munged.
+# Idempotent: whatever is not running is skipped. Every wait is bounded.
+set -euo pipefail
+
+STATE=${MNIST_ADD_SLURM_DIR:-/tmp/mnist-add-slurm}
+DB=$STATE/mysql
+export SLURM_CONF=$STATE/etc/slurm.conf
+
+log() { echo "stop.sh: $*"; }
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# stop_pid NAME PIDFILE SECONDS [SIGNAL]: send SIGNAL (default TERM; "-" sends nothing),
+# wait up to SECONDS for the process to exit, then SIGKILL it.
+stop_pid() {
+    local pid i
+    pid=$(cat "$2" 2>/dev/null) && kill -0 "$pid" 2>/dev/null || { rm -f "$2"; return 0; }
+    log "stopping $1"
+    [ "${4:-TERM}" = - ] || kill -"${4:-TERM}" "$pid" 2>/dev/null || true
+    # Poll the pid we read, not the pid file: some daemons delete it before they exit.
+    for ((i = 0; i < $3; i++)); do kill -0 "$pid" 2>/dev/null || { rm -f "$2"; return 0; }; sleep 1; done
+    log "WARNING: $1 (pid $pid) still alive after $3 s, killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$2"
+}
+
+if [ -f "$SLURM_CONF" ] && running "$STATE/run/slurmctld.pid"; then
+    # Cancel jobs first so no job steps outlive slurmd (no cgroups to clean them up).
+    jobs=$(squeue -h -o %i 2>/dev/null || true)
+    if [ -n "$jobs" ]; then
+        log "cancelling jobs: $(echo $jobs)"
+        # shellcheck disable=SC2086
+        scancel $jobs || true
+        # KillWait (30 s) is the longest a job may take to die after SIGTERM.
+        for ((i = 0; i < 40; i++)); do
+            [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break   # squeue lists CG too
+            sleep 1
+        done
+    fi
+    log "scontrol shutdown (slurmctld + slurmd)"
+    scontrol shutdown >/dev/null 2>&1 || true
+fi
+stop_pid slurmctld "$STATE/run/slurmctld.pid" 30 -   # already told by scontrol shutdown
+stop_pid slurmd "$STATE/run/slurmd.pid" 30   # in case slurmctld was not there to tell it
+stop_pid slurmdbd "$STATE/run/slurmdbd.pid" 30
+stop_pid MariaDB "$DB/mariadb.pid" 60          # SIGTERM = clean InnoDB shutdown
+if [ -e "$STATE/run/munged.ours" ]; then
+    stop_pid munged /run/munge/munged.pid 10
+    rm -f "$STATE/run/munged.ours"
+fi
+log "stopped"
