@@ -7,13 +7,14 @@ The config is read-only once loaded. Runtime facts (rank, device, ...) live in
 from __future__ import annotations
 
 import argparse
+import difflib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -159,10 +160,22 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
             cfg = OmegaConf.merge(cfg, OmegaConf.load(_existing(path)))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config: {err}") from None
+        raise ConfigError(_explain(err, schema)) from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _explain(err: OmegaConfBaseException, schema: type) -> str:
+    """OmegaConf's first line, the full key, and for an unknown key the closest known one."""
+    message, full_key = str(err).splitlines()[0], getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) and full_key:
+        parent, _, key = full_key.rpartition(".")
+        section = OmegaConf.select(OmegaConf.structured(schema), parent) if parent else OmegaConf.structured(schema)
+        close = difflib.get_close_matches(key, list(section.keys()) if section is not None else [], n=1)
+        if close:
+            message += f"; did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
+    return f"invalid config: {message}" + (f" (at {full_key})" if full_key else "")
 
 
 def _existing(path: str) -> Path:

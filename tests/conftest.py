@@ -1,0 +1,38 @@
+"""Shared test fixtures: the real MNIST files from ../shared/data, small configs, run helpers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnist_add.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("MNIST_ADD_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    if not (DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+        pytest.fail(f"MNIST not found under {DATA_ROOT}; set MNIST_ADD_DATA_ROOT to a folder holding MNIST/raw/")
+    return str(DATA_ROOT)
+
+
+@pytest.fixture
+def make_cfg(data_root, tmp_path):
+    """The debug config, run in tmp_path/run, with extra `key=value` overrides."""
+    def make(*overrides: str, run_dir: Path | None = None):
+        run_dir = run_dir or tmp_path / "run"
+        return load_config(["debug"], [f"data.root={data_root}", f"run.dir={run_dir}",
+                                       "trainer.deterministic=true", *overrides])
+    return make
+
+
+def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None,
+               launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `python -m module args` (optionally under a launcher such as torchrun) and capture output."""
+    command = [*launcher, "-m", module, *args] if launcher else [sys.executable, "-m", module, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

@@ -1,0 +1,115 @@
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mnist_add.config import ConfigError
+from mnist_add.data import (NUM_ADDENDS, Augment, DatasetError, GlobalBatchSampler, MNISTAdd,
+                            shard_batches)
+
+
+@pytest.fixture(scope="module")
+def train_set(data_root):
+    return MNISTAdd(data_root, train=True, seed=7)
+
+
+def test_training_addends_cover_zero_to_nine_uniformly(train_set):
+    counts = torch.bincount(train_set.addends())
+    assert len(counts) == NUM_ADDENDS  # nothing above 9 ...
+    assert counts.min() > 5500  # ... and 9 as often as the rest: the seed's randrange(0, 9) bug is gone
+
+
+def test_items_are_image_digit_addend_sum(train_set):
+    image, digit, addend, total = train_set[123]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert digit == int(train_set.targets[123]) and total == digit + addend and 0 <= addend <= 9
+    batch = train_set.batch(torch.tensor([123, 5]))
+    assert torch.equal(batch.images[0], image) and batch.sums.tolist()[0] == total
+
+
+def test_addends_are_a_function_of_seed_epoch_and_index(data_root, train_set):
+    again = MNISTAdd(data_root, train=True, seed=7)  # a restart
+    assert torch.equal(again.addends(), train_set.addends())
+    again.set_epoch(1)
+    assert not torch.equal(again.addends(), train_set.addends())
+    again.set_epoch(0)
+    assert torch.equal(again.addends(), train_set.addends())
+    assert not torch.equal(MNISTAdd(data_root, train=True, seed=8).addends(), train_set.addends())
+
+
+def test_subset_sees_the_same_addends_as_the_full_set(data_root, train_set):
+    subset = MNISTAdd(data_root, train=True, seed=7, num_samples=100)
+    assert len(subset) == 100 and torch.equal(subset.addends(), train_set.addends()[:100])
+
+
+def test_worker_processes_see_the_same_addends(train_set):
+    loader = DataLoader(train_set, batch_size=50, num_workers=2, sampler=range(100))
+    addends = torch.cat([addend for _, _, addend, _ in loader])
+    assert torch.equal(addends, train_set.addends()[:100])
+
+
+def test_test_addends_never_change(data_root):
+    a = MNISTAdd(data_root, train=False, seed=1)
+    b = MNISTAdd(data_root, train=False, seed=2)
+    b.set_epoch(5)
+    assert torch.equal(a.addends(), b.addends())
+    assert torch.bincount(a.addends()).min() > 900
+
+
+def test_augmentation_is_deterministic_and_changes_images(data_root):
+    aug = Augment(10, 2, 0.1)
+    first = MNISTAdd(data_root, train=True, seed=3, num_samples=64, augment=aug).batch(torch.arange(64))
+    second = MNISTAdd(data_root, train=True, seed=3, num_samples=64, augment=aug).batch(torch.arange(64))
+    plain = MNISTAdd(data_root, train=True, seed=3, num_samples=64).batch(torch.arange(64))
+    assert torch.equal(first.images, second.images)
+    assert not torch.allclose(first.images, plain.images)
+    assert (first.images - plain.images).abs().mean() < 0.5  # warped, not destroyed
+
+
+def test_missing_dataset_error_names_the_path_and_both_fixes(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        MNISTAdd(str(tmp_path), train=True, download=False)
+    message = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    assert "data.download=true" in message and "data.root=" in message
+
+
+def test_truncated_files_give_a_clear_error(data_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(f"{data_root}/MNIST/raw", raw)
+    images = raw / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        MNISTAdd(str(tmp_path), train=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_global_batches_do_not_depend_on_the_world_size(train_set, world_size):
+    single = GlobalBatchSampler(train_set, 12, 1, 0, seed=5)
+    ranks = [GlobalBatchSampler(train_set, 12, world_size, r, seed=5) for r in range(world_size)]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(2)
+    for whole, *shares in list(zip(single, *ranks))[:50]:
+        assert torch.equal(whole, torch.cat(shares))
+
+
+def test_sampler_resumes_at_a_step_and_changes_with_the_epoch(train_set):
+    sampler = GlobalBatchSampler(train_set, 100, 1, 0, seed=0)
+    full = list(sampler)
+    assert len(full) == 600 and len(torch.cat(full).unique()) == 60000
+    sampler.set_start_step(598)
+    assert len(sampler) == 2 and torch.equal(torch.cat(list(sampler)), torch.cat(full[598:]))
+    sampler.set_epoch(1)
+    assert not torch.equal(next(iter(sampler)), full[598])
+
+
+def test_global_batch_must_divide_over_ranks(train_set):
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        GlobalBatchSampler(train_set, 32, 3, 0, seed=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_shards_cover_each_sample_once(world_size):
+    shards = [torch.cat(shard_batches(1001, 100, r, world_size)) for r in range(world_size)]
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(1001))
