@@ -77,7 +77,7 @@ class ModelConfig:
     heads: Heads = Heads.separate  # how a free sum head sits next to the digit head
     sum_head: SumHead = SumHead.structured
     width: int = 32  # convnet: channels of the first block (doubled per block)
-    addend_dim: int = 20  # size of the learned embedding of the one-hot addend
+    addend_dim: int = 20  # size of the learned embedding of the one-hot addend (0: only a structured head sees it)
     channels_last: bool = True  # memory format of conv activations (faster on CPU and GPU)
 
 
@@ -194,6 +194,9 @@ def validate(cfg: DictConfig) -> None:
             "loss.sum=mse and model.sum_head=regression go together (MSE needs a scalar sum output): "
             "set both, or neither"
         )
+    if cfg.model.addend_dim == 0 and cfg.model.sum_head != SumHead.structured:
+        raise ConfigError("model.addend_dim=0 hides the addend from the network: only model.sum_head=structured "
+                          "can then predict the sum; set addend_dim > 0 or sum_head=structured")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.keep_checkpoints"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")

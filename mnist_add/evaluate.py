@@ -1,6 +1,7 @@
 """Exact evaluation on the test set, sharded over ranks; `load_model`; and the evaluation CLI.
 
     python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/best.pt [--exhaustive] [--json]
+    torchrun --nproc_per_node=N -m mnist_add.evaluate --checkpoint ...   # sharded, same numbers
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_add import checkpoint
-from mnist_add.config import Config, SumLoss
-from mnist_add.data import NUM_ADDENDS, NUM_SUMS, MNISTAdd, shard_batches
+from mnist_add import checkpoint, distributed
+from mnist_add.config import Config, DistConfig, SumLoss
+from mnist_add.data import NUM_ADDENDS, NUM_SUMS, DatasetError, MNISTAdd, shard_batches
 from mnist_add.distributed import Runtime, all_reduce_sum
 from mnist_add.model import NUM_DIGITS, AddNet, build_model, task_losses
 
@@ -43,6 +44,11 @@ class Evaluation:
             f"{prefix}acc_both": self.both_correct / self.num_pairs,
             f"{prefix}acc_sum_given_digit": self.both_correct / max(1, digits_right),
         }
+
+    def per_class(self) -> dict[str, list[float]]:
+        """Accuracy of each true class: digits 0..9 and sums 0..18."""
+        return {task: (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+                for task, confusion in (("digit", self.digit_confusion), ("sum", self.sum_confusion))}
 
 
 @torch.no_grad()
@@ -107,14 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
     parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args(argv)
+    runtime = distributed.setup(DistConfig())
     try:
-        model, cfg = load_model(args.checkpoint)
-        test_set = MNISTAdd(args.data_root or cfg.data.root, train=False, download=False)
-    except (checkpoint.CheckpointError, RuntimeError) as err:
+        model, cfg = load_model(args.checkpoint, runtime.device)
+        test_set = MNISTAdd(args.data_root or cfg.data.root, train=False, download=False).to(runtime.device)
+    except (checkpoint.CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    result = evaluate(model, test_set, Runtime(), args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
+    result = evaluate(model, test_set, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
+    distributed.teardown()
     metrics = {"pairs": result.num_pairs, **result.metrics(prefix="")}
+    if not runtime.is_main:
+        return 0
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -53,7 +53,9 @@ class AddNet(nn.Module):
     def __init__(self, features: nn.Module, num_features: int, mlp_dims: list[int], cfg: ModelConfig):
         super().__init__()
         self.features = features
-        self.addend = nn.Sequential(OneHot(NUM_ADDENDS), nn.Linear(NUM_ADDENDS, cfg.addend_dim))
+        # addend_dim=0: the trunk never sees the addend; only a structured sum head uses it.
+        self.addend = nn.Sequential(OneHot(NUM_ADDENDS), nn.Linear(NUM_ADDENDS, cfg.addend_dim)) \
+            if cfg.addend_dim else None
         layers, width = [], num_features + cfg.addend_dim
         for dim in mlp_dims:
             layers += [nn.Linear(width, dim), nn.ReLU(inplace=True)]
@@ -70,7 +72,10 @@ class AddNet(nn.Module):
     def forward(self, images: torch.Tensor, addends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        hidden = self.mlp(torch.cat([self.features(images), self.addend(addends)], dim=1))
+        features = self.features(images)
+        if self.addend is not None:
+            features = torch.cat([features, self.addend(addends)], dim=1)
+        hidden = self.mlp(features)
         if hasattr(self, "head"):
             digit_logits, extra = self.head(hidden).split([NUM_DIGITS, self.head.out_features - NUM_DIGITS], 1)
         else:
@@ -88,14 +93,13 @@ def seed_features() -> tuple[nn.Module, int]:
 
 
 def convnet_features(width: int) -> tuple[nn.Module, int]:
-    """Three conv-BN-ReLU-pool blocks (28 -> 14 -> 7 -> 3), widths w, 2w, 4w; ~100k parameters at w=32."""
+    """Three conv-BN-ReLU-pool blocks (28 -> 14 -> 7 -> 3), widths w, 2w, 4w, flattened: 36w features."""
     def block(cin: int, cout: int, kernel: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
                 nn.ReLU(inplace=True), nn.MaxPool2d(2)]
     return nn.Sequential(
-        *block(1, width, 5), *block(width, 2 * width, 3), *block(2 * width, 4 * width, 3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    ), 4 * width
+        *block(1, width, 5), *block(width, 2 * width, 3), *block(2 * width, 4 * width, 3), nn.Flatten(),
+    ), 4 * width * 3 * 3
 
 
 def build_model(cfg: ModelConfig) -> AddNet:

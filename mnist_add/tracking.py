@@ -14,36 +14,49 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mnist_add.config import WandbMode, to_dict
+
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsFile:
-    """Appends one JSON object per line; on resume, drops lines past the checkpoint's step.
+    """Appends one JSON object per line, and knows which records an earlier segment already wrote.
 
-    Steps after the checkpoint are trained again after a restart, so their old lines would be
-    logged twice; cutting them keeps the file monotonic in `step`.
+    After a crash, the steps between the last checkpoint and the crash are trained again, with
+    bitwise the same results; their records are already in the file (and in W&B), so they are
+    not written twice. A last line cut short by the crash is dropped.
     """
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path):
         self.path = path
-        if resume_step is not None and path.exists():
-            self._truncate_after(resume_step)
+        records = self._repair() if path.exists() else []
+        self.seen = {_record_key(r) for r in records}
         self.file = open(path, "a", buffering=1)
 
-    def _truncate_after(self, step: int) -> None:
-        kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                if _complete(line) and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+    def _repair(self) -> list[dict[str, Any]]:
+        lines = self.path.read_text().splitlines(keepends=True)
+        complete = [line for line in lines if _complete(line)]
+        if len(complete) < len(lines):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(complete))
+            os.replace(tmp, self.path)
+        return [json.loads(line) for line in complete]
+
+    def is_new(self, record: dict[str, Any]) -> bool:
+        return _record_key(record) not in self.seen
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.file.close()
+
+
+def _record_key(record: dict[str, Any]) -> tuple:
+    """A train and an evaluation record can share a step; their key sets tell them apart."""
+    return record["step"], frozenset(record) - {"step"}
 
 
 def _complete(line: str) -> bool:
@@ -64,8 +77,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 class Tracker:
     """Rank 0's tracker: every record goes to metrics.jsonl, and to W&B when a run is open."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, wandb_run=None):
-        self.metrics = MetricsFile(run_dir / METRICS_NAME, resume_step)
+    def __init__(self, run_dir: Path, wandb_run=None):
+        self.metrics = MetricsFile(run_dir / METRICS_NAME)
         self.wandb_run = wandb_run
 
     @property
@@ -73,14 +86,27 @@ class Tracker:
         return self.wandb_run.id if self.wandb_run else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.write({"step": step, **metrics})
+        record = {"step": step, **metrics}
+        if not self.metrics.is_new(record):
+            return
+        self.metrics.write(record)
         if self.wandb_run:
             self.wandb_run.log(metrics, step=step)
+
+    def log_per_class(self, per_class: dict[str, list[float]], step: int) -> None:
+        """Final per-class test accuracy of each task: a W&B table (metrics.jsonl has the summary)."""
+        if self.wandb_run:
+            import wandb
+            rows = [[task, label, accuracy] for task, accuracies in per_class.items()
+                    for label, accuracy in enumerate(accuracies)]
+            self.wandb_run.log({"val/per_class": wandb.Table(columns=["task", "class", "accuracy"], data=rows)},
+                               step=step)
 
     def finish(self, exit_code: int = 0) -> None:
         self.metrics.close()
         if self.wandb_run:
             self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
 
 
 class NullTracker:
@@ -91,12 +117,72 @@ class NullTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def log_per_class(self, per_class: dict[str, list[float]], step: int) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
 
-def build_tracker(cfg: DictConfig, is_main: bool, run_id: str | None, resume_step: int | None):
-    """A Tracker on rank 0, a NullTracker elsewhere."""
+def build_tracker(cfg: DictConfig, is_main: bool, run_id: str | None):
+    """A Tracker on rank 0 (with a W&B run unless disabled), a NullTracker elsewhere.
+
+    `run_id` comes from the checkpoint a job resumed from, so a requeued job continues its run.
+    """
     if not is_main:
         return NullTracker()
-    return Tracker(Path(cfg.run.dir), resume_step)
+    return Tracker(Path(cfg.run.dir), open_wandb_run(cfg, run_id))
+
+
+def wandb_mode(configured: WandbMode) -> str:
+    """WANDB_MODE wins; `auto` is online with credentials, offline without (decided without network)."""
+    mode = os.environ.get("WANDB_MODE") or configured.value
+    if mode == WandbMode.auto.value:
+        mode = "online" if wandb_credentials_available() else "offline"
+    return mode
+
+
+def wandb_credentials_available() -> bool:
+    """An API key in the environment, ~/.netrc or W&B's settings file; no network, no prompt."""
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+        host = wandb_setup.singleton().settings.base_url
+        return wbauth.authenticate_session(host=host, source="mnist_add", prompt=False, verify=False,
+                                           update_session=False) is not None
+    except Exception:  # a malformed key, or this wandb version lacks the helper
+        return bool(os.environ.get("WANDB_API_KEY"))
+
+
+def open_wandb_run(cfg: DictConfig, run_id: str | None):
+    """Start (or continue, with the checkpoint's id) the W&B run; None when disabled.
+
+    Online start-up that fails (no key, no network) warns once and continues offline: training
+    never waits on W&B longer than wandb.init_timeout_s, and never on a prompt.
+    """
+    mode = wandb_mode(cfg.wandb.mode)
+    if mode == WandbMode.disabled.value:
+        return None
+    import wandb
+
+    wandb.setup(settings=wandb.Settings(silent=True))  # silent: a terminal without a key never prompts
+    kwargs = dict(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, group=cfg.wandb.group,
+        tags=list(cfg.wandb.tags), dir=cfg.wandb.dir or str(Path(cfg.run.dir)), config=to_dict(cfg),
+        id=run_id or wandb.util.generate_id(), resume="allow",
+        settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, console="off", silent=True,
+                                x_disable_stats=True, disable_git=True, disable_code=True),
+    )
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as err:
+        if mode != "online":
+            raise
+        log.warning("W&B online start failed (%s: %s); continuing offline", type(err).__name__, err)
+        mode, run = "offline", wandb.init(mode="offline", **kwargs)
+    for key in ("val/acc_digit", "val/acc_sum", "val/acc_both", "val/acc_sum_given_digit"):
+        run.define_metric(key, summary="max")
+    if mode == "offline":
+        log.info("W&B run %s is offline in %s; upload with: wandb sync %s", run.id, run.settings.sync_dir,
+                 Path(run.settings.sync_dir).parent / f"offline-run-*-{run.id}")
+    return run

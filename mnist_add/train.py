@@ -132,7 +132,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     # Resume, then open tracking with the checkpoint's run id so a requeued job continues its W&B run.
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints, write=runtime.is_main)
     resumed_from, run_id = maybe_resume(cfg, checkpointer, learner, progress)
-    tracker = build_tracker(cfg, runtime.is_main, run_id, progress.step if resumed_from else None)
+    tracker = build_tracker(cfg, runtime.is_main, run_id)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
     window = StepWindow(runtime.device)
@@ -188,8 +188,8 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
                "resumed_from": str(resumed_from) if resumed_from else None,
                "segment_wall_time_s": round(time.perf_counter() - started, 2),
-               "test": result.metrics(prefix="")}
-    finish_run(runtime, run_dir, summary, tracker, result)
+               "test": result.metrics(prefix=""), "per_class": result.per_class()}
+    finish_run(runtime, run_dir, summary, tracker)
     bar.close()
     return summary
 
@@ -353,7 +353,8 @@ def stop(runtime: Runtime, signals: StopSignals, saved: Path, tracker, progress:
     return {"status": "stopped", "signal": why, "step": progress.step, "checkpoint": str(saved)}
 
 
-def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker, result) -> None:
+def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker) -> None:
+    tracker.log_per_class(summary["per_class"], summary["step"])
     if runtime.is_main:
         (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         log.info("done: test digit %.4f sum %.4f both %.4f -> %s", summary["test"]["acc_digit"],

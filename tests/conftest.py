@@ -36,3 +36,25 @@ def run_module(module: str, *args: str, timeout: float = 300, env: dict | None =
     command = [*launcher, "-m", module, *args] if launcher else [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def torchrun(nproc: int, max_restarts: int = 0) -> tuple[str, ...]:
+    """A torchrun launcher on a free local port, for `run_module(..., launcher=...)`."""
+    return (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}")
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the process with RANK=rank among the launcher's descendants, if it runs now."""
+    pending = [launcher_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if pid != launcher_pid and f"RANK={rank}".encode() in environ:
+            return pid
+        pending += [int(c) for c in children]
+    return None

@@ -34,8 +34,8 @@ if [ -n "$missing" ]; then
     fi
     # Only run 'apt-get update' when the install fails with the current package lists.
     # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $missing \
-        || { apt-get update -q && apt-get install -y -q --no-install-recommends $missing; } \
+    apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 $missing \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 $missing; } \
         || { [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d; die "apt-get install$missing failed"; }
     [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
@@ -51,11 +51,11 @@ wait_for() {
             tail -n 20 "$logfile" >&2 2>/dev/null || true
             exit 1
         fi
-        sleep 1
+        sleep 0.5
     done
 }
-# running PIDFILE: true if the pid in PIDFILE is alive.
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# running PIDFILE NAME: true if the pid in PIDFILE is alive and is NAME (not a reused pid).
+running() { [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]; }
 
 # --- state dir and configs -------------------------------------------------------------
 mkdir -p "$STATE"/etc "$STATE"/log "$STATE"/run "$STATE"/spool/ctld "$STATE"/spool/d
@@ -65,7 +65,7 @@ MEM=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)   # MiB, 10
 for f in slurm.conf slurmdbd.conf; do
     sed -e "s|@STATE@|$STATE|g" -e "s|@CPUS@|$CPUS|g" -e "s|@MEM@|$MEM|g" \
         -e "s|@DB_PORT@|$DB_PORT|g" "$HERE/$f.in" >"$STATE/etc/$f.new"
-    if ! cmp -s "$STATE/etc/$f.new" "$STATE/etc/$f" 2>/dev/null && running "$STATE/run/slurmctld.pid"; then
+    if ! cmp -s "$STATE/etc/$f.new" "$STATE/etc/$f" 2>/dev/null && running "$STATE/run/slurmctld.pid" slurmctld; then
         log "WARNING: $f changed while the cluster runs; run stop.sh and start.sh to apply it"
     fi
     mv "$STATE/etc/$f.new" "$STATE/etc/$f"
@@ -97,7 +97,7 @@ if [ ! -d "$DB/mysql" ]; then
         || { tail -n 20 "$STATE/log/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
 fi
 DBCLI=(--no-defaults --socket="$DB/mysql.sock" -u root)   # root via unix-socket auth
-if ! running "$DB/mariadb.pid"; then
+if ! running "$DB/mariadb.pid" mariadbd; then
     log "starting MariaDB on 127.0.0.1:$DB_PORT"
     touch "$STATE/log/mariadb.log" && chown mysql: "$STATE/log/mariadb.log"   # it runs as mysql
     # mariadbd does not daemonize: detach it so it outlives this script.
@@ -112,7 +112,7 @@ mariadb "${DBCLI[@]}" -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFI
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
 
 # --- slurmdbd, then register the cluster before slurmctld talks to it --------------------
-if ! running "$STATE/run/slurmdbd.pid"; then
+if ! running "$STATE/run/slurmdbd.pid" slurmdbd; then
     log "starting slurmdbd"
     slurmdbd   # reads slurmdbd.conf next to $SLURM_CONF; daemonizes
 fi
@@ -122,12 +122,12 @@ wait_for slurmdbd "$STATE/log/slurmdbd.log" sacctmgr -n show cluster
 # off, so any user may submit without an association.)
 
 # --- slurmctld and slurmd ---------------------------------------------------------------
-if ! running "$STATE/run/slurmctld.pid"; then
+if ! running "$STATE/run/slurmctld.pid" slurmctld; then
     log "starting slurmctld"
     slurmctld -i   # -i: ignore unreadable state files from an old run
 fi
 wait_for slurmctld "$STATE/log/slurmctld.log" scontrol ping
-if ! running "$STATE/run/slurmd.pid"; then
+if ! running "$STATE/run/slurmd.pid" slurmd; then
     log "starting slurmd"
     slurmd -N localhost   # the node is called localhost whatever the host name is
 fi

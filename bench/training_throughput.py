@@ -1,0 +1,58 @@
+"""Training: end-to-end samples/s of `train()` against the same model stepping on synthetic tensors
+already in memory (no dataset, no sampler, no augmentation, no logging).
+
+    python bench/training_throughput.py [--data-root ../shared/data] [--steps 300] [key=value ...]
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from mnist_add.config import load_config
+from mnist_add.data import Batch
+from mnist_add.distributed import Runtime
+from mnist_add.tracking import read_metrics
+from mnist_add.train import build_learner, train
+
+
+def end_to_end(cfg) -> float:
+    """Median of the logged windows after the first (which includes start-up)."""
+    train(cfg)
+    rates = [r["samples_per_s"] for r in read_metrics(cfg.run.dir) if "samples_per_s" in r]
+    return statistics.median(rates[1:])
+
+
+def synthetic(cfg, steps: int) -> float:
+    learner = build_learner(cfg, Runtime(), total_steps=steps + 10)
+    n = cfg.trainer.batch_size
+    digits, addends = torch.randint(0, 10, (n,)), torch.randint(0, 10, (n,))
+    batch = Batch(torch.randn(n, 1, 28, 28), digits, addends, digits + addends)
+    for _ in range(10):
+        learner.step(batch)
+    start = time.perf_counter()
+    for _ in range(steps):
+        learner.step(batch)
+    return steps * n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config([], [f"data.root={args.data_root}", f"run.dir={run_dir}", "wandb.mode=disabled",
+                               f"trainer.max_steps={args.steps}", "trainer.log_every_steps=50", *args.overrides])
+        real = end_to_end(cfg)
+    fake = synthetic(cfg, args.steps)
+    print(f"synthetic tensors in memory: {fake:8,.0f} samples/s")
+    print(f"end-to-end train()         : {real:8,.0f} samples/s")
+    print(f"ratio                      : {real / fake:8.3f}   (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

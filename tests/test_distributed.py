@@ -1,0 +1,166 @@
+"""Real multi-process runs: torchrun on CPU with gloo, 2-3 ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_module, torchrun, worker_pid
+from mnist_add import checkpoint
+from mnist_add.checkpoint import Checkpointer
+
+# Long enough (256 steps) that a signal sent after the first checkpoints lands mid-training.
+LONG = ("data.train_samples=4096", "trainer.epochs=2", "trainer.save_every_steps=16", "trainer.log_every_steps=16",
+        "trainer.deterministic=true")
+SEED_NET = ("model.arch=seed", "model.sum_head=free", "model.channels_last=false", "data.augment=false",
+            "data.train_samples=2048", "trainer.epochs=2", "trainer.deterministic=true")
+
+
+def train_args(data_root, run_dir, *overrides):
+    return ("--config", "debug", f"data.root={data_root}", f"run.dir={run_dir}", *overrides)
+
+
+def launch(data_root, run_dir, *overrides, nproc=1, max_restarts=0):
+    launcher = torchrun(nproc, max_restarts) if nproc > 1 else ()
+    result = run_module("mnist_add.train", *train_args(data_root, run_dir, *overrides), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def final_weights(run_dir):
+    newest = Checkpointer(Path(run_dir) / "checkpoints", 1, False).step_paths()[0]
+    return checkpoint.load(newest)[checkpoint.MODEL]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def start_and_wait_for_checkpoint(data_root, run_dir, nproc, max_restarts=0, step=32):
+    """Start a long torchrun job; return it once checkpoint `step` is on disk (mid-epoch 1)."""
+    process = subprocess.Popen(
+        [*torchrun(nproc, max_restarts), "-m", "mnist_add.train", *train_args(data_root, run_dir, *LONG)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    target = Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
+    deadline = time.monotonic() + 120
+    while not target.exists():  # poll a condition: the job's own progress, not a guess at timing
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.01)
+    return process
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root):
+    """The reference: the long job on 2 ranks, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    launch(data_root, run_dir, *LONG, nproc=2)
+    return run_dir
+
+
+def test_two_ranks_train_on_the_single_process_sample_sequence(data_root, tmp_path):
+    launch(data_root, tmp_path / "one", *SEED_NET)
+    launch(data_root, tmp_path / "two", *SEED_NET, nproc=2)
+    one, two = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert two["world_size"] == 2 and two["fingerprint"] == one["fingerprint"]
+    for key in ("acc_digit", "acc_sum"):
+        assert two["test"][key] == pytest.approx(one["test"][key], abs=0.01)
+    # Without BatchNorm, DDP's averaged gradient equals the single-process one up to rounding.
+    for name, tensor in final_weights(tmp_path / "one").items():
+        assert torch.allclose(final_weights(tmp_path / "two")[name], tensor, atol=1e-4), name
+
+
+def test_sharded_evaluation_counts_do_not_depend_on_the_world_size(uninterrupted, data_root):
+    best = str(uninterrupted / "checkpoints" / "best.pt")
+    results = []
+    for nproc in (1, 2, 3):
+        launcher = torchrun(nproc) if nproc > 1 else ()
+        result = run_module("mnist_add.evaluate", "--checkpoint", best, "--json", "--data-root", data_root,
+                            launcher=launcher)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    for other in results[1:]:
+        assert other["pairs"] == 10_000
+        for key in ("acc_digit", "acc_sum", "acc_both", "acc_sum_given_digit"):
+            assert other[key] == results[0][key], key  # ratios of identical integer counts
+        assert other["loss_sum"] == pytest.approx(results[0]["loss_sum"], rel=1e-6)
+
+
+def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted, data_root, tmp_path):
+    process = start_and_wait_for_checkpoint(data_root, tmp_path, nproc=2, max_restarts=1)
+    victim = worker_pid(process.pid, rank=1)
+    assert victim is not None
+    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "resumed from" in output  # the restarted ranks continued from a checkpoint
+    assert summary(tmp_path)["resumed_from"] is not None
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
+    assert summary(tmp_path)["test"] == summary(uninterrupted)["test"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_at_a_step_boundary_and_a_relaunch_ends_bitwise_equal(
+        uninterrupted, data_root, tmp_path, signum):
+    process = start_and_wait_for_checkpoint(data_root, tmp_path, nproc=2)
+    victim = worker_pid(process.pid, rank=1)  # one rank gets it; the others learn at the next step
+    subprocess.run(["kill", f"-{signum.name}", str(victim)], check=True)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "stopping on" in output and "run the same command again to resume" in output
+    assert not (tmp_path / "summary.json").exists()
+    stopped_at = checkpoint.load(Checkpointer(tmp_path / "checkpoints", 1, False).step_paths()[0])
+    assert 32 <= stopped_at[checkpoint.PROGRESS]["step"] < 256
+
+    launch(data_root, tmp_path, *LONG, nproc=2)
+    assert summary(tmp_path)["resumed_from"].endswith(f"step-{stopped_at[checkpoint.PROGRESS]['step']:08d}.pt")
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resuming_on_another_world_size_continues_the_same_samples(data_root, tmp_path, first, then):
+    launch(data_root, tmp_path / "whole", *SEED_NET)
+    launch(data_root, tmp_path / "moved", *SEED_NET, "trainer.max_steps=40", nproc=first)  # stops mid-epoch 1
+    launch(data_root, tmp_path / "moved", *SEED_NET, nproc=then)
+    whole, moved = summary(tmp_path / "whole"), summary(tmp_path / "moved")
+    assert moved["resumed_from"].endswith("step-00000040.pt") and moved["world_size"] == then
+    assert moved["fingerprint"] == whole["fingerprint"]
+    assert moved["test"]["acc_sum"] == pytest.approx(whole["test"]["acc_sum"], abs=0.01)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_on_every_rank(uninterrupted, data_root, tmp_path):
+    launch(data_root, tmp_path, *LONG, "trainer.max_steps=48", nproc=2)
+    newest = Checkpointer(tmp_path / "checkpoints", 1, False).step_paths()[0]
+    assert newest.name == "step-00000048.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = launch(data_root, tmp_path, *LONG, nproc=2)
+    assert "skipping checkpoint" in result.stderr and "step-00000048.pt is truncated or corrupt" in result.stderr
+    assert summary(tmp_path)["resumed_from"].endswith("step-00000032.pt")
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_cpu_trains_and_its_scaler_survives_a_resume(make_cfg, tmp_path, precision):
+    from mnist_add.train import train
+    whole = train(make_cfg(f"trainer.precision={precision}", "trainer.max_steps=12",
+                           run_dir=tmp_path / "whole"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in whole["test"].values())
+    train(make_cfg(f"trainer.precision={precision}", "trainer.max_steps=6", run_dir=tmp_path / "cut"))
+    resumed = train(make_cfg(f"trainer.precision={precision}", "trainer.max_steps=12", run_dir=tmp_path / "cut"))
+    assert resumed["resumed_from"].endswith("step-00000006.pt")
+    saved = {name: checkpoint.load(tmp_path / name / "checkpoints/step-00000012.pt") for name in ("whole", "cut")}
+    assert saved["cut"][checkpoint.SCALER] == saved["whole"][checkpoint.SCALER]
+    if precision == "fp16":
+        assert saved["cut"][checkpoint.SCALER]["scale"] > 0 and saved["cut"][checkpoint.SCALER]["_growth_tracker"] > 0
+    assert_bitwise_equal(saved["cut"][checkpoint.MODEL], saved["whole"][checkpoint.MODEL])
