@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,11 @@ def wandb_credentials_available() -> bool:
         return bool(os.environ.get("WANDB_API_KEY"))
 
 
+def new_run_id() -> str:
+    """Eight lowercase letters and digits, as W&B makes them."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def open_wandb_run(cfg: DictConfig, run_id: str | None):
     """Start (or continue, with the checkpoint's id) the W&B run; None when disabled.
 
@@ -169,7 +176,7 @@ def open_wandb_run(cfg: DictConfig, run_id: str | None):
     kwargs = dict(
         project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, group=cfg.wandb.group,
         tags=list(cfg.wandb.tags), dir=cfg.wandb.dir or str(Path(cfg.run.dir)), config=to_dict(cfg),
-        id=run_id or wandb.util.generate_id(), resume="allow",
+        id=run_id or new_run_id(), resume="allow",
         settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, console="off", silent=True,
                                 x_disable_stats=True, disable_git=True, disable_code=True),
     )
@@ -178,7 +185,9 @@ def open_wandb_run(cfg: DictConfig, run_id: str | None):
     except Exception as err:
         if mode != "online":
             raise
-        log.warning("W&B online start failed (%s: %s); continuing offline", type(err).__name__, err)
+        log.warning("W&B online start failed (%s: %s); continuing offline", type(err).__name__,
+                    str(err).splitlines()[0])
+        wandb.teardown()  # the failed attempt still holds the run id in this process
         mode, run = "offline", wandb.init(mode="offline", **kwargs)
     for key in ("val/acc_digit", "val/acc_sum", "val/acc_both", "val/acc_sum_given_digit"):
         run.define_metric(key, summary="max")

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,20 @@ from mnist_add.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("MNIST_ADD_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_wandb(tmp_path, monkeypatch):
+    """No credentials, no mode from the environment, every W&B folder inside the test's tmp_path."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    for name, sub in (("HOME", ""), ("WANDB_DIR", "wandb-dir"), ("WANDB_CONFIG_DIR", "wandb-config"),
+                      ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_DATA_DIR", "wandb-data")):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(home / sub))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return home
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +51,21 @@ def run_module(module: str, *args: str, timeout: float = 300, env: dict | None =
     command = [*launcher, "-m", module, *args] if launcher else [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def start_and_wait_for_checkpoint(train_args: list[str], run_dir: Path, step: int,
+                                  launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a training job; return it, still running, once its checkpoint at `step` is on disk."""
+    command = [*launcher, "-m", "mnist_add.train", *train_args] if launcher \
+        else [sys.executable, "-m", "mnist_add.train", *train_args]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    target = Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
+    deadline = time.monotonic() + 120
+    while not target.exists():  # poll a condition: the job's own progress, not a guess at timing
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.01)
+    return process
 
 
 def torchrun(nproc: int, max_restarts: int = 0) -> tuple[str, ...]:

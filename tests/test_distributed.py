@@ -1,16 +1,14 @@
 """Real multi-process runs: torchrun on CPU with gloo, 2-3 ranks."""
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_module, torchrun, worker_pid
+from conftest import run_module, start_and_wait_for_checkpoint, torchrun, worker_pid
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
 
@@ -47,18 +45,10 @@ def assert_bitwise_equal(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def start_and_wait_for_checkpoint(data_root, run_dir, nproc, max_restarts=0, step=32):
-    """Start a long torchrun job; return it once checkpoint `step` is on disk (mid-epoch 1)."""
-    process = subprocess.Popen(
-        [*torchrun(nproc, max_restarts), "-m", "mnist_add.train", *train_args(data_root, run_dir, *LONG)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    target = Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
-    deadline = time.monotonic() + 120
-    while not target.exists():  # poll a condition: the job's own progress, not a guess at timing
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-        time.sleep(0.01)
-    return process
+def start_long_job(data_root, run_dir, nproc, max_restarts=0):
+    """The long job on `nproc` ranks, returned running once its mid-epoch checkpoint 32 is written."""
+    return start_and_wait_for_checkpoint(train_args(data_root, run_dir, *LONG), run_dir, step=32,
+                                         launcher=torchrun(nproc, max_restarts))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +88,7 @@ def test_sharded_evaluation_counts_do_not_depend_on_the_world_size(uninterrupted
 
 
 def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted, data_root, tmp_path):
-    process = start_and_wait_for_checkpoint(data_root, tmp_path, nproc=2, max_restarts=1)
+    process = start_long_job(data_root, tmp_path, nproc=2, max_restarts=1)
     victim = worker_pid(process.pid, rank=1)
     assert victim is not None
     subprocess.run(["kill", "-KILL", str(victim)], check=True)
@@ -113,7 +103,7 @@ def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_saves_at_a_step_boundary_and_a_relaunch_ends_bitwise_equal(
         uninterrupted, data_root, tmp_path, signum):
-    process = start_and_wait_for_checkpoint(data_root, tmp_path, nproc=2)
+    process = start_long_job(data_root, tmp_path, nproc=2)
     victim = worker_pid(process.pid, rank=1)  # one rank gets it; the others learn at the next step
     subprocess.run(["kill", f"-{signum.name}", str(victim)], check=True)
     output, _ = process.communicate(timeout=300)

@@ -1,0 +1,117 @@
+"""W&B runs offline, every folder inside the test's tmp_path (see conftest.isolated_wandb)."""
+
+import signal
+import socket
+
+import pytest
+
+from conftest import run_module, start_and_wait_for_checkpoint, torchrun
+from mnist_add import checkpoint
+from mnist_add.config import WandbMode, to_dict
+from mnist_add.tracking import read_metrics, wandb_mode
+from mnist_add.train import train
+from wandb_records import offline_runs
+
+STEP_KEYS = {"_step", "_runtime", "_timestamp"}
+EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpoints=100")
+
+
+def scalar_rows(run):
+    """History rows as {step: {key: value}}, the per-class table left out."""
+    skip = STEP_KEYS | {"val/per_class"}
+    return {row["_step"]: {k: v for k, v in row.items() if k not in skip} for row in run["history"]
+            if set(row) - skip}
+
+
+def jsonl_rows(run_dir):
+    rows = {}
+    for record in read_metrics(run_dir):
+        rows.setdefault(record["step"], {}).update({k: v for k, v in record.items() if k != "step"})
+    return rows
+
+
+def test_wandb_mirrors_metrics_jsonl_per_task(make_cfg, tmp_path):
+    cfg = make_cfg("wandb.mode=offline")
+    train(cfg)
+    [run] = offline_runs(tmp_path / "run")
+    assert run["exit_code"] == 0 and run["config"]["model"]["arch"] == "convnet"
+    assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
+    last = scalar_rows(run)[16]
+    for key in ("train/loss_digit", "train/loss_sum", "train/loss", "train/acc_digit", "train/acc_sum",
+                "val/loss_digit", "val/loss_sum", "val/acc_digit", "val/acc_sum", "val/acc_both",
+                "val/acc_sum_given_digit", "lr", "samples_per_s", "epoch"):
+        assert key in last, key
+    assert run["summary"]["val/acc_sum"]["max"] == last["val/acc_sum"]  # accuracies summarise as max
+    assert run["history"][-1]["val/per_class"]["_type"] == "table-file"  # the final per-class accuracy table
+
+
+def test_a_resumed_run_continues_the_same_run_id_and_steps(make_cfg, tmp_path):
+    train(make_cfg("wandb.mode=offline", "trainer.max_steps=8"))
+    saved_id = checkpoint.load(tmp_path / "run/checkpoints/step-00000008.pt")[checkpoint.TRACKING_RUN_ID]
+    train(make_cfg("wandb.mode=offline"))
+    first, second = offline_runs(tmp_path / "run")
+    assert first["run_id"] == second["run_id"] == saved_id
+    first_steps, second_steps = sorted(scalar_rows(first)), sorted(scalar_rows(second))
+    assert first_steps == [4, 8] and second_steps == [12, 16]
+    assert {**scalar_rows(first), **scalar_rows(second)} == jsonl_rows(tmp_path / "run")
+
+
+def test_steps_trained_again_after_a_crash_are_not_logged_twice(make_cfg, tmp_path):
+    cfg = make_cfg("wandb.mode=offline", *EXACT)
+    train(cfg)
+    for path in sorted((tmp_path / "run/checkpoints").glob("step-*.pt"))[4:]:
+        path.unlink()  # as if it crashed after step 20 with everything up to step 32 already logged
+    (tmp_path / "run/summary.json").unlink()
+    train(cfg)
+    first, second = offline_runs(tmp_path / "run")
+    assert sorted(scalar_rows(first)) == list(range(4, 33, 4))
+    assert scalar_rows(second) == {}  # steps 20..32 were recomputed, bitwise equal, and not re-logged
+
+
+def test_only_rank_zero_creates_a_run(data_root, tmp_path, isolated_wandb):
+    result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}",
+                        "wandb.mode=offline", launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = offline_runs(tmp_path / "run")
+    assert run["exit_code"] == 0
+    assert not list(isolated_wandb.rglob("offline-run-*"))  # no other rank wrote anywhere else
+
+
+def test_auto_without_credentials_is_offline_without_touching_the_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to connect")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert wandb_mode(WandbMode.auto) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(WandbMode.auto) == "online"
+
+
+def test_wandb_mode_from_the_environment_wins(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(WandbMode.offline) == "disabled"
+
+
+def test_disabled_writes_nothing(make_cfg, tmp_path, isolated_wandb):
+    train(make_cfg("wandb.mode=disabled"))
+    assert not list(tmp_path.rglob("*.wandb")) and not (tmp_path / "run" / "wandb").exists()
+    assert not [p for p in isolated_wandb.rglob("*") if p.is_file()]
+
+
+def test_online_start_that_fails_continues_offline(make_cfg, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key, but no server answers here
+    summary = train(make_cfg("wandb.mode=online", "wandb.init_timeout_s=1"))
+    assert summary["status"] == "completed"
+    assert "continuing offline" in caplog.text
+    [run] = offline_runs(tmp_path / "run")
+    assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
+
+
+@pytest.mark.parametrize("signum,exit_code", [(signal.SIGTERM, 0), (signal.SIGINT, 1)])
+def test_the_run_is_finished_on_a_stop_and_on_an_exception(data_root, tmp_path, signum, exit_code):
+    args = ["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}", "wandb.mode=offline",
+            "data.train_samples=4096", "trainer.epochs=2"]
+    process = start_and_wait_for_checkpoint(args, tmp_path, step=16)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    [run] = offline_runs(tmp_path)
+    assert run["complete"] and run["exit_code"] == exit_code, output[-2000:]
