@@ -362,10 +362,14 @@ def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker) -> None:
     tracker.finish()
 
 
-def main(argv: list[str] | None = None) -> int:
-    rank = distributed.launcher_ranks()[0]
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+def setup_logging(rank: int) -> None:
+    """Human-facing logs: INFO from rank 0, warnings and errors from every rank."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr, force=True,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging(distributed.launcher_ranks()[0])
     try:
         cfg = parse_args(argv, description=__doc__.splitlines()[0])
         train(cfg)

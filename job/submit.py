@@ -1,0 +1,130 @@
+"""Submit the training job to SLURM (or run it locally) with submitit.
+
+    python -m job.submit [--config FILE ...] [key=value ...] [--wait]
+    python -m job.submit --config debug job.cluster=local job.tasks_per_node=2 --wait
+
+One SLURM task per GPU (or per CPU worker), each task one rank; every task runs the same
+`mnist_add.train.train(cfg)` as the command line. On the preemption or time-limit signal the
+ranks stop together at a step boundary with a checkpoint, and the job is requeued; it then
+resumes from the run directory and continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_add.config import Config, ConfigError, load_config
+from mnist_add.train import setup_logging, train
+
+
+class Cluster(str, Enum):
+    slurm = "slurm"
+    local = "local"  # tasks as local processes: try the job without a cluster
+    debug = "debug"  # in this process, one task: for a debugger
+
+
+@dataclass
+class JobConfig:
+    cluster: Cluster = Cluster.slurm
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU job
+    tasks_per_node: int = 1  # ranks per node; with GPUs, one per GPU (set to gpus_per_node)
+    cpus_per_task: int = 1
+    mem_gb: int = 0  # per node (0: the partition's default)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    timeout_min: int = 60  # time limit of each run of the job
+    signal_delay_s: int = 120  # the warning signal (USR2) comes this long before the time limit
+    max_num_timeout: int = 3  # requeues after reaching the time limit (preemptions do not count)
+    name: str = "mnist-add"
+    log_dir: str | None = None  # submitit's logs and pickles (default: <run.dir>/submitit)
+
+
+@dataclass
+class SubmitConfig(Config):
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The training sections alone: checkpoints and W&B then hold exactly a training config."""
+    train_cfg = OmegaConf.merge(OmegaConf.structured(Config),
+                                OmegaConf.masked_copy(cfg, [f.name for f in fields(Config)]))
+    OmegaConf.set_readonly(train_cfg, True)
+    return train_cfg
+
+
+class Trainer(submitit.helpers.Checkpointable):
+    """What every task runs: a picklable holder of the config around the same `train(cfg)`.
+
+    submitit's own USR2 handler would checkpoint on rank 0 alone, inside the handler, maybe in the
+    middle of a step. So `train` replaces it for its duration; the ranks stop together at a step
+    boundary with a checkpoint, and only then is the signal handed back to submitit, which
+    requeues the job (`checkpoint()` returns this same callable: resuming reads the run directory).
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __call__(self) -> dict:
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        setup_logging(env.rank)
+        summary = train(self.cfg)
+        preempt_signal = submitit.JobEnvironment._usr_sig()
+        if summary["status"] == "stopped" and summary["signal"] == preempt_signal.name:
+            signal.getsignal(preempt_signal)(preempt_signal, None)  # submitit: requeue, then exit
+        return summary
+
+
+def build_executor(cfg: JobConfig, run_dir: str) -> submitit.AutoExecutor:
+    tasks = cfg.gpus_per_node or cfg.tasks_per_node
+    executor = submitit.AutoExecutor(folder=cfg.log_dir or str(Path(run_dir) / "submitit" / "%j"),
+                                     cluster=cfg.cluster.value, slurm_max_num_timeout=cfg.max_num_timeout)
+    slurm_only = {"partition": cfg.partition, "account": cfg.account, "qos": cfg.qos, "constraint": cfg.constraint}
+    executor.update_parameters(
+        name=cfg.name, nodes=cfg.nodes, tasks_per_node=tasks, cpus_per_task=cfg.cpus_per_task,
+        gpus_per_node=cfg.gpus_per_node, timeout_min=cfg.timeout_min, **({"mem_gb": cfg.mem_gb} if cfg.mem_gb else {}),
+        slurm_signal_delay_s=cfg.signal_delay_s,
+        **{f"slurm_{key}": value for key, value in slurm_only.items() if value},
+    )
+    return executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], metavar="FILE")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, schema=SubmitConfig)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    job = build_executor(cfg.job, cfg.run.dir).submit(Trainer(training_config(cfg)))
+    print(f"submitted job {job.job_id}\n  logs: {job.paths.stdout} and {job.paths.stderr}\n"
+          f"  follow: tail -f {job.paths.stderr}" + (f"   state: sacct -j {job.job_id}" if cfg.job.cluster == Cluster.slurm
+                                                      else "") + f"\n  run dir: {cfg.run.dir}")
+    if not args.wait:
+        return 0
+    try:
+        summary = job.results()[0]  # rank 0's
+    except Exception as err:  # submitit re-raises the job's failure with its traceback
+        print(f"error: job {job.job_id} failed:\n{err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Predict the digit and the sum for one image and an addend, with a trained checkpoint.
+
+    python -m mnist_add.predict --checkpoint runs/default/checkpoints/best.pt digit.png 4 [--json]
+    python -m mnist_add.predict --checkpoint runs/default/checkpoints/best.pt --index 123 4 [--data-root DIR]
+
+An image of any size is brought into MNIST's form first: grey levels, white digit on black
+(a dark-on-light image is inverted), fitted into 20x20 and centred by centre of mass in 28x28.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from mnist_add.checkpoint import CheckpointError
+from mnist_add.data import IMAGE_SHAPE, MEAN, NUM_ADDENDS, STD, DatasetError, MNISTAdd
+from mnist_add.evaluate import load_model
+
+DIGIT_BOX = 20  # MNIST fitted each digit into 20x20 (keeping its aspect ratio) before centring it in 28x28
+INK_THRESHOLD = 0.1  # of the stretched grey range: fainter pixels (paper grain, noise) do not widen the box
+
+
+class InputError(ValueError):
+    """An image, addend or index the tool cannot use; the message says which and why."""
+
+
+def prepare_image(image: Image.Image) -> torch.Tensor:
+    """A digit image of any size and mode -> [1, 1, 28, 28] float, normalised as the training data."""
+    pixels = pil_to_tensor(image.convert("L"))[0].float().div(255)  # [H, W] in [0, 1]
+    ink = _ink(pixels)
+    rows, cols = torch.nonzero(ink > INK_THRESHOLD, as_tuple=True)
+    digit = _fit_into_box(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+    return _centre_by_mass(digit).sub(MEAN).div(STD)[None, None]
+
+
+def _ink(pixels: torch.Tensor) -> torch.Tensor:
+    """[H, W] grey levels -> ink in [0, 1] on a background of 0, whatever the polarity and contrast."""
+    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if border.median() > 0.5:  # the frame is mostly background: light paper means a dark digit
+        pixels, border = 1 - pixels, 1 - border
+    background = border.median()
+    contrast = pixels.max() - background
+    if contrast < 1 / 255:
+        raise InputError("the image is one flat colour: no digit to read")
+    return ((pixels - background) / contrast).clamp(0, 1)
+
+
+def _fit_into_box(digit: torch.Tensor) -> torch.Tensor:
+    """Scale [h, w] so that its longer side is DIGIT_BOX pixels, antialiased like MNIST's grey edges."""
+    scale = DIGIT_BOX / max(digit.shape)
+    size = [max(1, round(side * scale)) for side in digit.shape]
+    return F.interpolate(digit[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(0, 1)
+
+
+def _centre_by_mass(digit: torch.Tensor) -> torch.Tensor:
+    """Place [h, w] in a black 28x28 field with its centre of mass on pixel (14, 14), as MNIST did."""
+    height, width = IMAGE_SHAPE
+    field = torch.zeros(IMAGE_SHAPE)
+    mass = digit.sum()
+    centre_y = (digit.sum(1) * torch.arange(digit.shape[0])).sum() / mass
+    centre_x = (digit.sum(0) * torch.arange(digit.shape[1])).sum() / mass
+    # A lopsided digit would be pushed over the edge; keeping it whole matters more than exact centring.
+    top = min(max(round(float(height // 2 - centre_y)), 0), height - digit.shape[0])
+    left = min(max(round(float(width // 2 - centre_x)), 0), width - digit.shape[1])
+    field[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return field
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: torch.Tensor, addend: int) -> dict:
+    """The most likely digit and sum for one normalised image [1, 1, 28, 28], with their probabilities."""
+    device = next(model.parameters()).device
+    digit_logits, sum_logits = model(image.to(device), torch.tensor([addend], device=device))
+    digit_probs, sum_probs = (logits.float().softmax(1)[0] for logits in (digit_logits, sum_logits))
+    digit, total = int(digit_probs.argmax()), int(sum_probs.argmax())
+    return {"digit": digit, "digit_probability": float(digit_probs[digit]), "addend": addend,
+            "sum": total, "sum_probability": float(sum_probs[total])}
+
+
+def read_image(path: str) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            return prepare_image(image)
+    except (OSError, Image.DecompressionBombError) as err:  # missing, not an image, truncated
+        raise InputError(f"cannot read image {path}: {err}") from err
+
+
+def mnist_test_image(data_root: str, index: int) -> tuple[torch.Tensor, int]:
+    """MNIST test image `index`, normalised as in training, and its true digit."""
+    test_set = MNISTAdd(data_root, train=False)
+    if not 0 <= index < len(test_set):
+        raise InputError(f"--index {index} is out of range: the test set has images 0..{len(test_set) - 1}")
+    image, digit, _, _ = test_set[index]
+    return image[None], digit
+
+
+def addend_arg(text: str) -> int:
+    if not text.isdigit() or int(text) >= NUM_ADDENDS:
+        raise argparse.ArgumentTypeError(f"ADDEND must be an integer 0..{NUM_ADDENDS - 1}, got {text!r}")
+    return int(text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # Usage mistakes read like every other error of this tool: one line, no usage block.
+        self.exit(2, f"error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("image", nargs="?", metavar="IMAGE", help="a PNG/JPEG of one digit, any size")
+    source.add_argument("--index", type=int, help="use MNIST test image N instead of an IMAGE file")
+    parser.add_argument("addend", type=addend_arg, metavar="ADDEND", help="the number added to the digit, 0..9")
+    parser.add_argument("--data-root", help="folder holding MNIST/raw/ for --index (default: the checkpoint's "
+                                            "data.root)")
+    parser.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, cfg = load_model(args.checkpoint)
+        if args.index is None:
+            image, extra = read_image(args.image), {}
+        else:
+            image, digit = mnist_test_image(args.data_root or cfg.data.root, args.index)
+            extra = {"index": args.index, "true_digit": digit, "true_sum": digit + args.addend}
+    except (InputError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result = {**predict(model, image, args.addend), **extra}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"digit {result['digit']} (p={result['digit_probability']:.3f})")
+        print(f"sum   {result['sum']} (p={result['sum_probability']:.3f}) with addend {args.addend}")
+        if extra:
+            print(f"true: digit {extra['true_digit']}, sum {extra['true_sum']} (MNIST test image {args.index})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
