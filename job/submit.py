@@ -11,7 +11,6 @@ resumes from the run directory and continues the same W&B run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_add.config import Config, ConfigError, load_config
+from mnist_add.config import Config, ConfigError, build_parser, load_config
 from mnist_add.train import setup_logging, train
 
 
@@ -101,11 +100,9 @@ def build_executor(cfg: JobConfig, run_dir: str) -> submitit.AutoExecutor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", default=[], metavar="FILE")
+    parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, schema=SubmitConfig)
     except ConfigError as err:

@@ -204,14 +204,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
 
 
-def parse_args(argv: list[str] | None, description: str, schema: type = Config) -> DictConfig:
+def build_parser(description: str) -> argparse.ArgumentParser:
     """The command line shared by the entry points: `[--config FILE ...] [key=value ...]`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML file merged over the defaults (repeatable; a name from configs/ works too)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, applied last")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, schema)
+    return parser
+
+
+def parse_args(argv: list[str] | None, description: str) -> DictConfig:
+    args = build_parser(description).parse_intermixed_args(argv)
+    return load_config(args.config, args.overrides)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

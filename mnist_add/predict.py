@@ -15,7 +15,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 from mnist_add.checkpoint import CheckpointError
@@ -32,6 +32,9 @@ class InputError(ValueError):
 
 def prepare_image(image: Image.Image) -> torch.Tensor:
     """A digit image of any size and mode -> [1, 1, 28, 28] float, normalised as the training data."""
+    image = ImageOps.exif_transpose(image)  # a phone photo stores "rotate me" apart from its pixels
+    if "A" in image.getbands():  # transparent paper: lay it on white, as drawing programs show it
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     pixels = pil_to_tensor(image.convert("L"))[0].float().div(255)  # [H, W] in [0, 1]
     ink = _ink(pixels)
     rows, cols = torch.nonzero(ink > INK_THRESHOLD, as_tuple=True)
@@ -59,7 +62,10 @@ def _fit_into_box(digit: torch.Tensor) -> torch.Tensor:
 
 
 def _centre_by_mass(digit: torch.Tensor) -> torch.Tensor:
-    """Place [h, w] in a black 28x28 field with its centre of mass on pixel (14, 14), as MNIST did."""
+    """Place [h, w] in a black 28x28 field with its centre of mass on pixel (14, 14), as MNIST did.
+
+    (14, 14), not (13.5, 13.5): the mean centre of mass of the MNIST test images is (13.99, 14.01).
+    """
     height, width = IMAGE_SHAPE
     field = torch.zeros(IMAGE_SHAPE)
     mass = digit.sum()
@@ -102,7 +108,7 @@ def mnist_test_image(data_root: str, index: int) -> tuple[torch.Tensor, int]:
 
 def addend_arg(text: str) -> int:
     if not text.isdigit() or int(text) >= NUM_ADDENDS:
-        raise argparse.ArgumentTypeError(f"ADDEND must be an integer 0..{NUM_ADDENDS - 1}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an integer 0..{NUM_ADDENDS - 1}, got {text!r}")
     return int(text)
 
 
@@ -117,10 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("image", nargs="?", metavar="IMAGE", help="a PNG/JPEG of one digit, any size")
-    source.add_argument("--index", type=int, help="use MNIST test image N instead of an IMAGE file")
+    source.add_argument("--index", type=int, metavar="N", help="use MNIST test image N instead of an IMAGE file")
     parser.add_argument("addend", type=addend_arg, metavar="ADDEND", help="the number added to the digit, 0..9")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw/ for --index (default: the checkpoint's "
-                                            "data.root)")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="folder holding MNIST/raw/ for --index (default: the checkpoint's data.root)")
     parser.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
     return parser.parse_args(argv)
 

@@ -1,0 +1,166 @@
+"""On a real SLURM cluster (CI starts one on localhost with slurm/local/start.sh): submitit and
+sbatch jobs on CPU with gloo, preempted, timed out and requeued."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_module, torchrun
+from mnist_add import checkpoint
+from mnist_add.checkpoint import Checkpointer
+from mnist_add.config import load_config
+from mnist_add.data import GlobalBatchSampler, MNISTAdd
+from mnist_add.train import fingerprint
+from wandb_records import offline_runs
+
+# 256 steps on 2 ranks: long enough to be preempted or requeued after checkpoint 32.
+LONG = ("--config", "debug", "data.train_samples=4096", "trainer.epochs=2", "trainer.save_every_steps=16",
+        "trainer.log_every_steps=16", "trainer.deterministic=true", "trainer.num_threads=1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    """The cluster must answer; in CI its absence is a failure, elsewhere a reason to skip."""
+    if shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
+        return
+    message = "no SLURM cluster answers: start one with `bash slurm/local/start.sh; . slurm/local/env.sh`"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root):
+    """The long job on 2 ranks under torchrun, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run_module("mnist_add.train", *LONG, f"data.root={data_root}", f"run.dir={run_dir}",
+                        launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def submit(data_root, run_dir, *args) -> subprocess.CompletedProcess:
+    return run_module("job.submit", *LONG, f"data.root={data_root}", f"run.dir={run_dir}", "job.cluster=slurm",
+                      "job.tasks_per_node=2", "wandb.mode=offline", *args)
+
+
+def job_id(output: str) -> str:
+    return re.search(r"submitted job (\d+)", output).group(1)
+
+
+def sacct_states(job: str) -> list[str]:
+    """Every run of the job, oldest first (-D: requeued runs too)."""
+    out = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-P", "-o", "State"], capture_output=True,
+                         text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line]
+
+
+def wait_until(condition, what: str, timeout: float = 300):
+    """Poll a condition of the cluster or the run directory (bounded, no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return value
+
+
+def wait_for_job_end(job: str, timeout: float = 300) -> list[str]:
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+    return wait_until(lambda: (s := sacct_states(job)) and s[-1] in ended and s, f"job {job} to end", timeout)
+
+
+def final_weights(run_dir):
+    return checkpoint.load(Checkpointer(Path(run_dir) / "checkpoints", 1, False).step_paths()[0])[checkpoint.MODEL]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def test_submitit_job_trains_like_torchrun(reference, data_root, tmp_path):
+    result = submit(data_root, tmp_path, "--wait")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "submitted job" in result.stdout and "follow: tail -f" in result.stdout
+    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    assert printed["world_size"] == 2 and printed["test"] == summary(reference)["test"]
+    assert printed["fingerprint"] == summary(reference)["fingerprint"]
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(reference))
+
+
+def test_preempted_submitit_job_requeues_resumes_and_ends_bitwise_equal(reference, data_root, tmp_path):
+    result = submit(data_root, tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = job_id(result.stdout)
+    wait_until(lambda: (tmp_path / "checkpoints/step-00000032.pt").exists(), "the first checkpoints")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--wrap", "true"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    states = wait_for_job_end(job)
+    assert states[0] in ("PREEMPTED", "REQUEUED") and states[-1] == "COMPLETED", states  # requeued by submitit
+    assert sacct_states(urgent)[-1] == "COMPLETED"
+    log = "".join(p.read_text() for p in tmp_path.glob(f"submitit/{job}/{job}_0_log.err"))
+    assert "stopping on SIGUSR2" in log and "this job is preempted" in log
+    assert summary(tmp_path)["resumed_from"] is not None
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(reference))
+    segments = offline_runs(tmp_path)
+    assert len(segments) == 2 and len({s["run_id"] for s in segments}) == 1  # one W&B run throughout
+
+
+def expected_fingerprint(data_root, *overrides) -> int:
+    """What a run of this data sequence must have trained on, computed without training."""
+    cfg = load_config(["debug"], [f"data.root={data_root}", *overrides])
+    dataset = MNISTAdd(data_root, train=True, seed=cfg.trainer.seed, num_samples=cfg.data.train_samples)
+    sampler, value, step = GlobalBatchSampler(dataset, cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), 0, 0
+    for epoch in range(cfg.trainer.epochs):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            step += 1
+            value = fingerprint(value, step, indices, dataset.batch(indices).addends)
+    return value
+
+
+def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(data_root, tmp_path):
+    # ~60 s of training on one rank; the warning comes 110 s before a 2-minute limit, i.e. early.
+    slow = ("data.train_samples=8192", "trainer.epochs=6", "model.width=16")
+    result = run_module("job.submit", *LONG, *slow, f"data.root={data_root}", f"run.dir={tmp_path}",
+                        "job.cluster=slurm", "job.timeout_min=2", "job.signal_delay_s=110", "wandb.mode=offline")
+    assert result.returncode == 0, result.stderr
+    states = wait_for_job_end(job_id(result.stdout), timeout=600)
+    assert "REQUEUED" in states and states[-1] == "COMPLETED", states
+    assert summary(tmp_path)["fingerprint"] == expected_fingerprint(data_root, *LONG[2:], *slow)
+    log = "".join(p.read_text() for p in tmp_path.glob("submitit/*/*_0_log.err"))
+    assert "stopping on SIGUSR2" in log and "this job is timed-out" in log
+
+
+def test_sbatch_script_survives_scontrol_requeue(reference, data_root, tmp_path):
+    env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable}
+    job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+                          f"--output={tmp_path}/%j.out", str(REPO / "slurm/train.sbatch"), *LONG,
+                          f"data.root={data_root}", "wandb.mode=disabled"],
+                         capture_output=True, text=True, check=True, env=env, cwd=tmp_path).stdout.strip()
+    wait_until(lambda: (tmp_path / "run/checkpoints/step-00000032.pt").exists(), "the first checkpoints")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    states = wait_for_job_end(job)
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
+    assert summary(tmp_path / "run")["resumed_from"] is not None
+    assert summary(tmp_path / "run")["fingerprint"] == summary(reference)["fingerprint"]
+    assert_bitwise_equal(final_weights(tmp_path / "run"), final_weights(reference))
+
+
+def test_a_failing_job_surfaces_its_error_to_the_submitter(tmp_path):
+    result = run_module("job.submit", "--config", "debug", f"data.root={tmp_path}", "data.download=false",
+                        f"run.dir={tmp_path / 'run'}", "job.cluster=slurm", "--wait")
+    assert result.returncode == 1
+    assert "failed" in result.stderr and "MNIST not found" in result.stderr
