@@ -41,7 +41,7 @@ def make_cfg(data_root, tmp_path):
     def make(*overrides: str, run_dir: Path | None = None):
         run_dir = run_dir or tmp_path / "run"
         return load_config(["debug"], [f"data.root={data_root}", f"run.dir={run_dir}",
-                                       "trainer.deterministic=true", *overrides])
+                                       "trainer.deterministic=true", "trainer.num_threads=1", *overrides])
     return make
 
 

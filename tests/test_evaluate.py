@@ -12,7 +12,8 @@ from mnist_add.train import train
 def trained(tmp_path_factory, data_root):
     from mnist_add.config import load_config
     run = tmp_path_factory.mktemp("trained")
-    summary = train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={run}", "data.test_samples=0"]))
+    summary = train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={run}", "data.test_samples=0",
+                                            "trainer.num_threads=1"]))
     return run, summary
 
 

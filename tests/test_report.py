@@ -49,6 +49,7 @@ def assert_pngs(paths: list[Path]) -> None:
         assert path.read_bytes()[:8] == PNG_SIGNATURE, path
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100, path
+            image.load()  # decodes every row: a truncated file fails here
 
 
 def test_report_of_a_finished_run_writes_every_figure_into_run_dir_report(finished_run, data_root, capsys):

@@ -104,7 +104,7 @@ def test_preempted_submitit_job_requeues_resumes_and_ends_bitwise_equal(referenc
     assert result.returncode == 0, result.stderr
     job = job_id(result.stdout)
     wait_until(lambda: (tmp_path / "checkpoints/step-00000032.pt").exists(), "the first checkpoints")
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--wrap", "true"],
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--output=/dev/null", "--wrap", "true"],
                             capture_output=True, text=True, check=True).stdout.strip()
     states = wait_for_job_end(job)
     assert states[0] in ("PREEMPTED", "REQUEUED") and states[-1] == "COMPLETED", states  # requeued by submitit
