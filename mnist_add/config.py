@@ -77,7 +77,8 @@ class ModelConfig:
     heads: Heads = Heads.separate  # how a free sum head sits next to the digit head
     sum_head: SumHead = SumHead.structured
     width: int = 32  # convnet: channels of the first block (doubled per block)
-    addend_dim: int = 20  # size of the learned embedding of the one-hot addend (0: only a structured head sees it)
+    addend_dim: int = 0  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
+    # structured sum head sees the addend; free and regression heads need it > 0, the seed used 20)
     channels_last: bool = True  # memory format of conv activations (faster on CPU and GPU)
 
 
@@ -91,12 +92,13 @@ class LossWeights:
 class LossConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     sum: SumLoss = SumLoss.ce
-    label_smoothing: float = 0.0  # for cross-entropy on free heads (a structured sum has no spare classes)
+    label_smoothing: float = 0.1  # digit cross-entropy, and sum cross-entropy of free heads (a structured sum
+    # has -inf for impossible sums: nothing to smooth onto)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
+    lr: float = 5e-3  # peak learning rate of the one-cycle schedule
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.2  # share of the steps spent rising to the peak
 

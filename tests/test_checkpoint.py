@@ -88,7 +88,8 @@ def test_loading_a_missing_file_names_it(tmp_path):
 
 
 def test_save_atomic_replaces_the_file_whole(tmp_path):
-    path = tmp_path / "x.pt"
+    path = tmp_path / "ckpt" / "x.pt"
+    path.parent.mkdir()
     save_atomic({"a": 1}, path)
     save_atomic({"a": 2}, path)
-    assert load(path) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    assert load(path) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["x.pt"]

@@ -33,7 +33,7 @@ def test_an_invalid_choice_lists_the_valid_ones():
 def test_mse_needs_the_regression_head():
     with pytest.raises(ConfigError, match="model.sum_head=regression"):
         load_config([], ["loss.sum=mse"])
-    assert load_config([], ["loss.sum=mse", "model.sum_head=regression"]).loss.sum.value == "mse"
+    assert load_config([], ["loss.sum=mse", "model.sum_head=regression", "model.addend_dim=20"]).loss.sum.value == "mse"
 
 
 def test_values_out_of_range_are_refused():
@@ -44,3 +44,8 @@ def test_values_out_of_range_are_refused():
 def test_a_missing_config_file_says_where_it_looked():
     with pytest.raises(ConfigError, match="not found.*configs"):
         load_config(["no-such-config"])
+
+
+def test_a_hidden_addend_needs_the_structured_head():
+    with pytest.raises(ConfigError, match="addend_dim=0"):
+        load_config([], ["model.sum_head=free"])

@@ -15,7 +15,7 @@ from mnist_add.checkpoint import Checkpointer
 # Long enough (256 steps) that a signal sent after the first checkpoints lands mid-training.
 LONG = ("data.train_samples=4096", "trainer.epochs=2", "trainer.save_every_steps=16", "trainer.log_every_steps=16",
         "trainer.deterministic=true")
-SEED_NET = ("model.arch=seed", "model.sum_head=free", "model.channels_last=false", "data.augment=false",
+SEED_NET = ("model.arch=seed", "model.sum_head=free", "model.addend_dim=20", "model.channels_last=false", "data.augment=false",
             "data.train_samples=2048", "trainer.epochs=2", "trainer.deterministic=true")
 
 

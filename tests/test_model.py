@@ -7,11 +7,11 @@ from mnist_add.model import OneHot, build_model
 from mnist_add.train import train
 
 VARIANTS = [
-    ["model.arch=seed", "model.heads=joint", "model.sum_head=free"],
-    ["model.arch=seed", "model.heads=separate", "model.sum_head=free"],
-    ["model.arch=seed", "model.sum_head=regression", "loss.sum=mse"],
+    ["model.arch=seed", "model.heads=joint", "model.sum_head=free", "model.addend_dim=20"],
+    ["model.arch=seed", "model.heads=separate", "model.sum_head=free", "model.addend_dim=20"],
+    ["model.arch=seed", "model.sum_head=regression", "loss.sum=mse", "model.addend_dim=20"],
     ["model.arch=convnet", "model.sum_head=structured"],
-    ["model.arch=convnet", "model.heads=joint", "model.sum_head=free"],
+    ["model.arch=convnet", "model.heads=joint", "model.sum_head=free", "model.addend_dim=20"],
 ]
 
 
@@ -29,7 +29,7 @@ def test_every_variant_maps_images_and_addends_to_digit_and_sum_scores(overrides
 
 
 def test_seed_network_has_the_classroom_shapes():
-    model = build_model(load_config([], ["model.arch=seed", "model.heads=joint", "model.sum_head=free"]).model)
+    model = build_model(load_config(["seed-joint"]).model)
     assert model.mlp[0].in_features == 212 and model.mlp[2].out_features == 100
     assert model.head.out_features == 29
 
@@ -46,7 +46,7 @@ def test_structured_sum_is_the_digit_distribution_shifted_by_the_addend():
 
 
 def test_regression_scores_peak_at_the_rounded_sum():
-    model = build_model(load_config([], ["model.sum_head=regression", "loss.sum=mse"]).model)
+    model = build_model(load_config([], ["model.sum_head=regression", "loss.sum=mse", "model.addend_dim=20"]).model)
     extra = torch.tensor([[3.4], [12.6], [-2.0], [30.0]])
     scores = model.sum_output(torch.zeros(4, 10), extra, torch.zeros(4, dtype=torch.long))
     assert scores.argmax(1).tolist() == [3, 13, 0, 18]
@@ -56,7 +56,7 @@ def test_regression_scores_peak_at_the_rounded_sum():
 @pytest.mark.parametrize("heads", ["joint", "separate"])
 def test_seed_approaches_learn_on_a_small_subset(make_cfg, heads):
     cfg = make_cfg("model.arch=seed", f"model.heads={heads}", "model.sum_head=free", "model.channels_last=false",
-                   "data.augment=false", "data.train_samples=3000", "data.test_samples=1000", "trainer.epochs=3",
+                   "model.addend_dim=20", "data.augment=false", "data.train_samples=3000", "data.test_samples=1000", "trainer.epochs=3",
                    "trainer.log_every_steps=10", "optim.lr=0.005")
     summary = train(cfg)
     records = [r for r in _metrics(cfg.run.dir) if "train/loss" in r]
