@@ -4,32 +4,24 @@ same global batch; prints samples/s of each and the ratio.
     python bench/ddp_scaling.py [--data-root ../shared/data] [--steps 300] [key=value ...]
 """
 
-import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
-from mnist_add.tracking import read_metrics
+from common import bench_args, logged_samples_per_s
 
 
 def samples_per_s(launcher: list[str], threads: int, run_dir: str, overrides: list[str]) -> float:
-    """Median logged throughput of a run, skipping the first window (start-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([*launcher, "-m", "mnist_add.train", f"run.dir={run_dir}", f"trainer.num_threads={threads}",
                     "wandb.mode=disabled", "trainer.log_every_steps=25", *overrides], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rates = [r["samples_per_s"] for r in read_metrics(run_dir) if "samples_per_s" in r]
-    return statistics.median(rates[1:])
+    return logged_samples_per_s(run_dir)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = bench_args(__doc__)
     overrides = [f"data.root={args.data_root}", f"trainer.max_steps={args.steps}", *args.overrides]
     with tempfile.TemporaryDirectory() as tmp:
         single = samples_per_s([sys.executable], 2, f"{tmp}/single", overrides)

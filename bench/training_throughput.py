@@ -4,25 +4,21 @@ already in memory (no dataset, no sampler, no augmentation, no logging).
     python bench/training_throughput.py [--data-root ../shared/data] [--steps 300] [key=value ...]
 """
 
-import argparse
-import statistics
 import tempfile
 import time
 
 import torch
+from common import bench_args, logged_samples_per_s
 
 from mnist_add.config import load_config
 from mnist_add.data import Batch
 from mnist_add.distributed import Runtime
-from mnist_add.tracking import read_metrics
 from mnist_add.train import build_learner, train
 
 
 def end_to_end(cfg) -> float:
-    """Median of the logged windows after the first (which includes start-up)."""
     train(cfg)
-    rates = [r["samples_per_s"] for r in read_metrics(cfg.run.dir) if "samples_per_s" in r]
-    return statistics.median(rates[1:])
+    return logged_samples_per_s(cfg.run.dir)
 
 
 def synthetic(cfg, steps: int) -> float:
@@ -39,11 +35,7 @@ def synthetic(cfg, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = bench_args(__doc__)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config([], [f"data.root={args.data_root}", f"run.dir={run_dir}", "wandb.mode=disabled",
                                f"trainer.max_steps={args.steps}", "trainer.log_every_steps=50", *args.overrides])

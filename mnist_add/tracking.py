@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import string
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,15 @@ class Tracker:
     def __init__(self, run_dir: Path, wandb_run=None):
         self.metrics = MetricsFile(run_dir / METRICS_NAME)
         self.wandb_run = wandb_run
+        self.started = time.perf_counter()
 
     @property
     def run_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record `metrics` at `step`, with `time_s`: wall seconds since this process started tracking."""
+        metrics = {**metrics, "time_s": round(time.perf_counter() - self.started, 3)}
         record = {"step": step, **metrics}
         if not self.metrics.is_new(record):
             return
