@@ -69,12 +69,21 @@ def setup(cfg: DistConfig) -> Runtime:
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        warn_about_shared_torchrun_store()
         if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:
             os.environ.update(_slurm_rendezvous())
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(rank, local_rank, world_size, device)
+
+
+def warn_about_shared_torchrun_store(env=os.environ) -> None:
+    """torchrun shares its TCPStore with the ranks and keeps it across restarts, so restarted ranks can
+    read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712)."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        log.warning("torchrun --max-restarts with a shared store: restarts can fail to connect; "
+                    "launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
 def teardown() -> None:
@@ -87,15 +96,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def any_rank(flag: bool, runtime: Runtime) -> bool:
-    """True on every rank when it is true on any: the one decision all ranks must share."""
-    if not runtime.is_distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=runtime.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def barrier() -> None:

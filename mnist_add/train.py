@@ -154,7 +154,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                 window.add(learner.step(batch))
                 progress.step += 1
                 progress.step_in_epoch += 1
-                progress.fingerprint = fingerprint(progress.fingerprint, progress.step, indices, batch.addends)
+                stop_requested = agree_on_step(progress, indices, batch.addends, signals.received is not None)
                 bar.update()
 
                 # Log, stop on a signal, checkpoint: decisions every rank takes together.
@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                                            progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
                     tracker.log(metrics, progress.step)
                     report_progress(bar, progress.step, metrics)
-                if distributed.any_rank(signals.received is not None, runtime):
+                if stop_requested:
                     return stop(runtime, signals, save(), tracker, progress)
                 if should_save_mid_epoch(progress, cfg, sampler.steps_per_epoch):
                     save()
@@ -279,10 +279,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fingerprint(previous: int, step: int, indices: torch.Tensor, addends: torch.Tensor) -> int:
-    """Order-sensitive checksum of the pairs trained on, summed over ranks: equal runs saw equal data."""
-    local = (step * (indices.to(addends.device) * 10 + addends)).sum().reshape(1)
-    return (previous + int(distributed.all_reduce_sum(local).item())) % (1 << 61)
+def agree_on_step(progress: Progress, indices: torch.Tensor, addends: torch.Tensor, signalled: bool) -> bool:
+    """The one collective of a step: adds this step to the data fingerprint; True if any rank was signalled."""
+    shares = torch.stack([fingerprint_share(progress.step, indices, addends), torch.tensor(int(signalled))])
+    step_sum, signalled_ranks = distributed.all_reduce_sum(shares.to(addends.device)).tolist()
+    progress.fingerprint = (progress.fingerprint + step_sum) % (1 << 61)
+    return signalled_ranks > 0
+
+
+def fingerprint_share(step: int, indices: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an order-sensitive checksum of the (index, addend) pairs trained on: summed over
+    ranks and steps, equal runs on any world size have equal fingerprints."""
+    return (step * (indices.to(addends.device) * 10 + addends)).sum().cpu()
 
 
 class StepWindow:

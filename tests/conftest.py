@@ -69,9 +69,10 @@ def start_and_wait_for_checkpoint(train_args: list[str], run_dir: Path, step: in
 
 
 def torchrun(nproc: int, max_restarts: int = 0) -> tuple[str, ...]:
-    """A torchrun launcher on a free local port, for `run_module(..., launcher=...)`."""
-    return (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}")
+    """A torchrun launcher on a free local port, for `run_module(..., launcher=...)`; a store per restart
+    (see mnist_add.distributed.warn_about_shared_torchrun_store)."""
+    return ("env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", sys.executable, "-m", "torch.distributed.run",
+            "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}")
 
 
 def worker_pid(launcher_pid: int, rank: int) -> int | None:

@@ -18,7 +18,7 @@ from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
 from mnist_add.config import load_config
 from mnist_add.data import GlobalBatchSampler, MNISTAdd
-from mnist_add.train import fingerprint
+from mnist_add.train import Progress, agree_on_step
 from wandb_records import offline_runs
 
 # 256 steps on 2 ranks: long enough to be preempted or requeued after checkpoint 32.
@@ -121,14 +121,14 @@ def expected_fingerprint(data_root, *overrides) -> int:
     """What a run of this data sequence must have trained on, computed without training."""
     cfg = load_config(["debug"], [f"data.root={data_root}", *overrides])
     dataset = MNISTAdd(data_root, train=True, seed=cfg.trainer.seed, num_samples=cfg.data.train_samples)
-    sampler, value, step = GlobalBatchSampler(dataset, cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), 0, 0
+    sampler, progress = GlobalBatchSampler(dataset, cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), Progress()
     for epoch in range(cfg.trainer.epochs):
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         for indices in sampler:
-            step += 1
-            value = fingerprint(value, step, indices, dataset.batch(indices).addends)
-    return value
+            progress.step += 1
+            agree_on_step(progress, indices, dataset.addends()[indices], signalled=False)
+    return progress.fingerprint
 
 
 def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(data_root, tmp_path):
