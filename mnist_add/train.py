@@ -232,15 +232,17 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
     found: dict = {}
 
     def restore(state: dict) -> None:
-        check_same_sequence(cfg, state[checkpoint.CONFIG])
         try:
+            check_same_sequence(cfg, state[checkpoint.CONFIG])
             learner.load_state_dict(state)
-        except (RuntimeError, KeyError, ValueError) as err:
+            progress.load_state_dict(state[checkpoint.PROGRESS])
+            set_rng_state(state[checkpoint.RNG])
+            found["run_id"] = state[checkpoint.TRACKING_RUN_ID]
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:  # another model, or not our checkpoint
             raise CheckpointError(f"checkpoint does not fit this model (model.arch={cfg.model.arch.value}): "
-                                  f"{str(err).splitlines()[0]}") from err
-        progress.load_state_dict(state[checkpoint.PROGRESS])
-        set_rng_state(state[checkpoint.RNG])
-        found["run_id"] = state[checkpoint.TRACKING_RUN_ID]
+                                  f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
 
     if cfg.trainer.resume == "never":
         if checkpointer.step_paths():
@@ -281,8 +283,9 @@ def set_rng_state(state: dict) -> None:
 
 def agree_on_step(progress: Progress, indices: torch.Tensor, addends: torch.Tensor, signalled: bool) -> bool:
     """The one collective of a step: adds this step to the data fingerprint; True if any rank was signalled."""
-    shares = torch.stack([fingerprint_share(progress.step, indices, addends), torch.tensor(int(signalled))])
-    step_sum, signalled_ranks = distributed.all_reduce_sum(shares.to(addends.device)).tolist()
+    flag = torch.tensor(int(signalled), device=addends.device)
+    step_sum, signalled_ranks = distributed.all_reduce_sum(
+        torch.stack([fingerprint_share(progress.step, indices, addends), flag])).tolist()
     progress.fingerprint = (progress.fingerprint + step_sum) % (1 << 61)
     return signalled_ranks > 0
 
@@ -290,7 +293,7 @@ def agree_on_step(progress: Progress, indices: torch.Tensor, addends: torch.Tens
 def fingerprint_share(step: int, indices: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
     """This rank's part of an order-sensitive checksum of the (index, addend) pairs trained on: summed over
     ranks and steps, equal runs on any world size have equal fingerprints."""
-    return (step * (indices.to(addends.device) * 10 + addends)).sum().cpu()
+    return (step * (indices.to(addends.device) * 10 + addends)).sum()
 
 
 class StepWindow:

@@ -106,3 +106,10 @@ def test_cli_reports_missing_data_with_the_fix(tmp_path):
                         f"run.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"MNIST not found in {tmp_path}/MNIST/raw" in result.stderr
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_reported(make_cfg, tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(3)}, foreign)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train(make_cfg(f"trainer.resume={foreign}"))
