@@ -107,7 +107,7 @@ class OptimConfig:
 class TrainerConfig:
     seed: int = 0
     epochs: int = 5
-    batch_size: int = 128  # global: summed over all ranks
+    batch_size: int = 64  # global: summed over all ranks
     eval_batch_size: int = 1000  # global, for the test set
     precision: Precision = Precision.auto
     num_threads: int = 0  # torch.set_num_threads per process (0: leave torch's default)
