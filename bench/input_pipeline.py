@@ -9,7 +9,7 @@ import random
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
@@ -18,15 +18,18 @@ from mnist_add.data import MEAN, STD, Augment, MNISTAdd
 BATCH = 128
 
 
-class SeedStyleMNISTAdd(MNIST):
+class SeedStyleMNISTAdd(Dataset):
     """The classroom dataset: PIL per item, Python's random addend (0..9 here), four-tuple items."""
 
     def __init__(self, root):
-        super().__init__(root, train=True, download=False,
-                         transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]))
+        to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+        self.mnist = MNIST(root, train=True, download=False, transform=to_tensor)
+
+    def __len__(self):
+        return len(self.mnist)
 
     def __getitem__(self, index):
-        image, digit = super().__getitem__(index)
+        image, digit = self.mnist[index]
         addend = random.randrange(0, 10)
         return image, digit, addend, digit + addend
 

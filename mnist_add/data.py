@@ -103,10 +103,10 @@ class MNISTAdd(MNIST):
         """The samples at `indices` ([B] int64), batched, on the data's device."""
         _, addends, warps = self._epoch_tables()
         indices = indices.to(self.data.device)
-        images = self.data[indices].unsqueeze(1).float().div_(255)
+        images = self.data[indices].unsqueeze(1).float()  # 0..255: warping pads with 0, black
         if warps is not None:
             images = self.augment.apply(images, warps[indices])
-        images = images.sub_(MEAN).div_(STD)
+        images = images.mul_(1 / (255 * STD)).sub_(MEAN / STD)  # (x / 255 - MEAN) / STD in two passes
         digits, addends = self.targets[indices], addends[indices]
         return Batch(images, digits, addends, digits + addends)
 
