@@ -99,12 +99,20 @@ def build_executor(cfg: JobConfig, run_dir: str) -> submitit.AutoExecutor:
     return executor
 
 
+def validate(cfg: JobConfig) -> None:
+    """SLURM may send the warning up to a minute early; one that comes during start-up kills the task."""
+    if cfg.signal_delay_s > cfg.timeout_min * 60 - 60:
+        raise ConfigError(f"job.signal_delay_s={cfg.signal_delay_s} leaves less than a minute of the "
+                          f"{cfg.timeout_min}-minute limit before the warning; lower it or raise job.timeout_min")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, schema=SubmitConfig)
+        validate(cfg.job)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -132,10 +132,11 @@ def expected_fingerprint(data_root, *overrides) -> int:
 
 
 def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(data_root, tmp_path):
-    # ~60 s of training on one rank; the warning comes 110 s before a 2-minute limit, i.e. early.
-    slow = ("data.train_samples=8192", "trainer.epochs=6", "model.width=16")
+    # ~105 s of training on one rank against a 2-minute limit whose warning is due 60 s before it;
+    # SLURM checks limits every 30 s, so the warning lands 30-90 s into each run, after start-up.
+    slow = ("data.train_samples=8192", "trainer.epochs=18", "model.width=16")
     result = run_module("job.submit", *LONG, *slow, f"data.root={data_root}", f"run.dir={tmp_path}",
-                        "job.cluster=slurm", "job.timeout_min=2", "job.signal_delay_s=110", "wandb.mode=offline")
+                        "job.cluster=slurm", "job.timeout_min=2", "job.signal_delay_s=60", "wandb.mode=offline")
     assert result.returncode == 0, result.stderr
     states = wait_for_job_end(job_id(result.stdout), timeout=600)
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
@@ -164,3 +165,9 @@ def test_a_failing_job_surfaces_its_error_to_the_submitter(tmp_path):
                         f"run.dir={tmp_path / 'run'}", "job.cluster=slurm", "--wait")
     assert result.returncode == 1
     assert "failed" in result.stderr and "MNIST not found" in result.stderr
+
+
+def test_a_warning_that_could_come_during_start_up_is_refused(tmp_path):
+    result = run_module("job.submit", "--config", "debug", f"run.dir={tmp_path}", "job.timeout_min=2",
+                        "job.signal_delay_s=110")
+    assert result.returncode == 2 and "job.signal_delay_s=110" in result.stderr
