@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_module, start_and_wait_for_checkpoint, torchrun
 from mnist_add import checkpoint
-from mnist_add.config import WandbMode, to_dict
+from mnist_add.config import WandbMode
 from mnist_add.tracking import read_metrics, wandb_mode
 from mnist_add.train import train
 from wandb_records import offline_runs
