@@ -117,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg = load_model(args.checkpoint, runtime.device)
         test_set = MNISTAdd(args.data_root or cfg.data.root, train=False, download=False).to(runtime.device)
+        result = evaluate(model, test_set, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
     except (checkpoint.CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    result = evaluate(model, test_set, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
-    distributed.teardown()
+    finally:
+        distributed.teardown()
     metrics = {"pairs": result.num_pairs, **result.metrics(prefix="")}
     if not runtime.is_main:
         return 0
