@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -142,12 +143,34 @@ def _explain_load_failure(raw: str, download: bool, err: Exception) -> str:
     names = [os.path.splitext(os.path.basename(url))[0] for url, _ in MNIST.resources]
     if all(os.path.isfile(os.path.join(raw, name)) for name in names):
         return _corrupt(raw, str(err).splitlines()[0] if str(err) else type(err).__name__)
-    tried = f"downloading failed: {str(err).splitlines()[0]}" if download else "data.download=false"
+    tried = f"downloading {_download_failure_cause(err)}" if download else "data.download=false"
     return (
         f"MNIST not found in {raw} ({tried}). Fix it either way: run once with data.download=true on a "
         f"machine with internet (files land in {raw}), or set data.root=DIR to a folder that holds "
         f"MNIST/raw/ with the four idx files."
     )
+
+
+def _download_failure_cause(err: Exception) -> str:
+    """Why torchvision's download failed, on one line: the file and each mirror's reason.
+
+    MNIST.download catches each mirror's URLError or RuntimeError and raises one RuntimeError with
+    no __cause__: the reasons are only in the lines after its first, "Error downloading F:", as
+    "Tried M, got:" and the reason, per mirror. An OSError while writing (a full disk) escapes unwrapped.
+    """
+    text = str(err)
+    header = re.match(r"Error downloading (\S+?):\n", text)
+    if header is None:
+        return f"failed: {_one_line(text) or type(err).__name__}"
+    tries = re.findall(r"Tried (\S+), got:\n(.*?)\n(?=Tried |$)", text[header.end():], flags=re.DOTALL)
+    reasons = "; ".join(f"{mirror} gave {_one_line(reason)}" for mirror, reason in tries)
+    return f"{header.group(1)} failed: {reasons or _one_line(text)}"
+
+
+def _one_line(reason: str) -> str:
+    """'<urlopen error [Errno 111] Connection refused>' -> '[Errno 111] Connection refused'."""
+    unwrapped = re.fullmatch(r"<urlopen error (.*)>", reason.strip(), flags=re.DOTALL)
+    return " ".join((unwrapped.group(1) if unwrapped else reason).split()).rstrip(".")
 
 
 def _corrupt(raw: str, detail: str) -> str:

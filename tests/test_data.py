@@ -1,8 +1,12 @@
+import http.server
 import shutil
+import socket
+import threading
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision.datasets import MNIST
 
 from mnist_add.config import ConfigError
 from mnist_add.data import (NUM_ADDENDS, Augment, DatasetError, GlobalBatchSampler, MNISTAdd,
@@ -73,6 +77,78 @@ def test_missing_dataset_error_names_the_path_and_both_fixes(tmp_path):
     message = str(err.value)
     assert str(tmp_path / "MNIST" / "raw") in message
     assert "data.download=true" in message and "data.root=" in message
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port bound but not listening: connecting is refused at once, and nothing else can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def local_mirror(monkeypatch):
+    """Start an HTTP server on 127.0.0.1 answering every GET with (status, body); returns its URL."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a proxy in the environment must not see these requests
+    servers = []
+
+    def start(status: int, body: bytes = b"") -> str:
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # quick shutdown
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def download_error(monkeypatch, root, mirrors: list[str]) -> str:
+    monkeypatch.setattr(MNIST, "mirrors", mirrors)
+    with pytest.raises(DatasetError) as err:
+        MNISTAdd(str(root), train=True, download=True)
+    return str(err.value)
+
+
+def assert_names_both_fixes_on_one_line(message: str, root) -> None:
+    assert message.startswith(f"MNIST not found in {root / 'MNIST' / 'raw'} (downloading ")
+    assert "data.download=true" in message and "data.root=DIR" in message and "\n" not in message
+
+
+def test_failed_download_names_each_mirrors_reason_and_both_fixes(tmp_path, monkeypatch, closed_port, local_mirror):
+    refusing, missing = f"http://127.0.0.1:{closed_port}/", local_mirror(404)
+    message = download_error(monkeypatch, tmp_path, [refusing, missing])
+    assert (f"downloading train-images-idx3-ubyte.gz failed: {refusing} gave [Errno 111] Connection refused; "
+            f"{missing} gave HTTP Error 404: Not Found)") in message
+    assert_names_both_fixes_on_one_line(message, tmp_path)
+
+
+def test_failed_download_names_a_proxy_refusal(tmp_path, monkeypatch, local_mirror):
+    # What urllib raises when a proxy refuses an http:// request without credentials.
+    message = download_error(monkeypatch, tmp_path, [local_mirror(407)])
+    assert "gave HTTP Error 407: Proxy Authentication Required)" in message
+    assert_names_both_fixes_on_one_line(message, tmp_path)
+
+
+def test_failed_download_names_a_full_disk(tmp_path, monkeypatch, local_mirror):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").symlink_to("/dev/full")  # every write fails with ENOSPC
+    message = download_error(monkeypatch, tmp_path, [local_mirror(200, b"x" * 1000)])
+    assert "(downloading failed: [Errno 28] No space left on device)" in message
+    assert_names_both_fixes_on_one_line(message, tmp_path)
 
 
 def test_truncated_files_give_a_clear_error(data_root, tmp_path):
