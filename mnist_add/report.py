@@ -3,7 +3,9 @@
     python -m mnist_add.report runs/default [--out DIR] [--data-root DIR]
 
 Writes into RUN_DIR/report/ (or --out) and prints the paths written:
-    loss.png, accuracy.png          per task, training and validation, over steps
+    loss.png                        per task, training and test loss over steps; the training loss is
+                                    label-smoothed (as config.yaml says), so it levels off above the test loss
+    accuracy.png                    per task, training and test error rate (1 - accuracy) over steps, log scale
     confusion_digit.png, confusion_sum.png, misclassified.png
                                     the test set scored by best.pt (else the newest step checkpoint)
 A run that is still going or was preempted works too: no summary.json is needed, and a run
@@ -13,23 +15,31 @@ without a checkpoint yet gets the learning curves only.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
-from mnist_add.data import DatasetError, MNISTAdd
+from mnist_add.config import ConfigError, load_config
+from mnist_add.data import NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.evaluate import evaluate, load_model
+from mnist_add.model import NUM_DIGITS, Criterion
 from mnist_add.tracking import METRICS_NAME, read_metrics
 
 TASKS = ("digit", "sum")
+NUM_CLASSES = {"digit": NUM_DIGITS, "sum": NUM_SUMS}
+SPLITS = {"train": "train/", "test": "val/"}  # metrics.jsonl key prefix of each split: the evaluation is the test set
+CONFIG_NAME = "config.yaml"  # the run's resolved config, beside metrics.jsonl
 MAX_SHOWN = 32  # misclassified test images in the grid: enough to see patterns, few enough to read
 GRID_COLUMNS = 8
 EVAL_BATCH_SIZE = 1000
+CELL_FONT_SIZE = 10  # counts in confusion-matrix cells: as large as the tick labels
 
 
 def new_figure(rows: int, cols: int, size: tuple[float, float]):
@@ -45,17 +55,68 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
-def plot_curves(records: list[dict], metric: str, path: Path) -> Path:
-    """One panel per task: the training curve and the validation points of `metric` (loss or acc)."""
+def label_smoothing(run_dir: Path) -> dict[str, float] | None:
+    """Per task, the label smoothing of the run's training loss (its test loss has none); None without config.yaml."""
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return None
+    cfg = load_config([str(path)])
+    criterion = Criterion(cfg.loss, cfg.model.sum_head)  # the training loss's own rule: which heads are smoothed
+    return {"digit": cfg.loss.label_smoothing, "sum": criterion.sum_smoothing}
+
+
+def smoothed_loss_floor(smoothing: float, num_classes: int) -> float:
+    """The least cross-entropy against smoothed targets: their entropy, reached by a perfect fit to them."""
+    true_share, other_share = 1 - smoothing + smoothing / num_classes, smoothing / num_classes
+    return -true_share * math.log(true_share) - (num_classes - 1) * other_share * math.log(other_share)
+
+
+def draw_losses(records: list[dict], smoothing: dict[str, float] | None) -> Figure:
+    """One panel per task: training and test loss, labelled with the smoothing each was computed with."""
     figure, axes = new_figure(1, len(TASKS), (10, 4))
     for ax, task in zip(axes[0], TASKS):
-        for split, style in (("train", "-"), ("val", "o-")):
-            steps, values = series(records, f"{split}/{metric}_{task}")
-            if steps:  # a run cut short may not have evaluated yet
-                ax.plot(steps, values, style, label=split, markersize=4)
-        ax.set(title=f"{task} {metric}", xlabel="step")
+        eps = None if smoothing is None else smoothing[task]
+        train_label = "train" if eps is None else f"train (label smoothing {eps:g})" if eps else "train (no smoothing)"
+        plot_splits(ax, records, f"loss_{task}", {"train": train_label, "test": "test (no smoothing)"})
+        if eps:
+            floor = smoothed_loss_floor(eps, NUM_CLASSES[task])
+            ax.axhline(floor, color="C0", linestyle=":", linewidth=1,
+                       label=f"lowest train loss possible (smoothing {eps:g}): {floor:.2f}")
+        ax.set(title=f"{task} loss", xlabel="step", ylim=(0, None))
         if ax.has_data():
             ax.legend()
+    return figure
+
+
+def draw_error_rates(records: list[dict]) -> Figure:
+    """One panel per task: training and test error rate (1 - accuracy), on a log scale so that the last
+    tenths of a percent, where runs differ, are as far apart as the first tens."""
+    figure, axes = new_figure(1, len(TASKS), (10, 4))
+    for ax, task in zip(axes[0], TASKS):
+        lines = plot_splits(ax, records, f"acc_{task}", {"train": "train", "test": "test"}, lambda acc: 1 - acc)
+        ax.set(title=f"{task} error rate (1 - accuracy)", xlabel="step")
+        ax.set_yscale("log")  # an error-free window (rate 0) leaves a gap: log(0) has no place
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda rate, _: f"{100 * rate:g}%"))
+        ax.grid(True, which="major", alpha=0.3)
+        for line in lines:  # the last value, where the eye looks first
+            line.set_label(f"{line.get_label()}, last {100 * line.get_ydata()[-1]:.2f}%")
+        if ax.has_data():
+            ax.legend()
+    return figure
+
+
+def plot_splits(ax, records: list[dict], metric: str, labels: dict[str, str], transform=lambda value: value) -> list:
+    """The training curve and the test points of `metric` (e.g. loss_digit); returns the lines drawn."""
+    lines = []
+    for split, style in (("train", "-"), ("test", "o-")):
+        steps, values = series(records, SPLITS[split] + metric)
+        if steps:  # a run cut short may not have evaluated yet
+            lines += ax.plot(steps, [transform(value) for value in values], style, label=labels[split], markersize=4)
+    return lines
+
+
+def save(figure: Figure, path: Path) -> Path:
     figure.savefig(path)
     return path
 
@@ -69,21 +130,20 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return step_paths[0] if step_paths else None
 
 
-def plot_confusion(confusion: torch.Tensor, task: str, title: str, path: Path) -> Path:
+def draw_confusion(confusion: torch.Tensor, task: str, title: str) -> Figure:
     """Colour: the share of each true class (rows sum to 1), so rare classes show as clearly; text: counts."""
     n = len(confusion)
-    figure, axes = new_figure(1, 1, (0.45 * n + 2, 0.45 * n + 1.5))
+    figure, axes = new_figure(1, 1, (0.5 * n + 2, 0.5 * n + 1.5))
     ax = axes[0, 0]
     shares = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
     image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     for true, predicted in confusion.nonzero().tolist():
         count = int(confusion[true, predicted])
-        ax.text(predicted, true, count, ha="center", va="center", fontsize=6,
+        ax.text(predicted, true, count, ha="center", va="center", fontsize=CELL_FONT_SIZE,
                 color="white" if shares[true, predicted] > 0.5 else "black")
     ax.set(title=title, xlabel=f"predicted {task}", ylabel=f"true {task}", xticks=range(n), yticks=range(n))
     figure.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
-    figure.savefig(path)
-    return path
+    return figure
 
 
 @torch.no_grad()
@@ -101,7 +161,7 @@ def misclassified(model: torch.nn.Module, test_set: MNISTAdd, limit: int) -> lis
     return found
 
 
-def plot_misclassified(errors: list[dict], test_set: MNISTAdd, title: str, path: Path) -> Path:
+def draw_misclassified(errors: list[dict], test_set: MNISTAdd, title: str) -> Figure:
     rows = max(1, -(-len(errors) // GRID_COLUMNS))
     figure, axes = new_figure(rows, GRID_COLUMNS, (GRID_COLUMNS * 1.3, rows * 1.6 + 0.5))
     figure.suptitle(title if errors else f"{title}: none misclassified")
@@ -111,8 +171,7 @@ def plot_misclassified(errors: list[dict], test_set: MNISTAdd, title: str, path:
         ax.imshow(test_set.data[error["index"]].cpu().numpy(), cmap="gray")
         ax.set_title(f"digit {error['digit']} (true {error['true_digit']})\n"
                      f"+{error['addend']}: sum {error['sum']} ({error['true_sum']})", fontsize=7)
-    figure.savefig(path)
-    return path
+    return figure
 
 
 def plot_test_set(checkpoint_path: Path, data_root: str | None, out: Path) -> list[Path]:
@@ -121,17 +180,18 @@ def plot_test_set(checkpoint_path: Path, data_root: str | None, out: Path) -> li
     test_set = MNISTAdd(data_root or cfg.data.root, train=False)
     result = evaluate(model, test_set, Runtime(), EVAL_BATCH_SIZE, cfg.loss.sum)
     title = f"{checkpoint_path.name}, {result.num_pairs} test pairs"
-    return [plot_confusion(result.digit_confusion, "digit", f"digit, {title}", out / "confusion_digit.png"),
-            plot_confusion(result.sum_confusion, "sum", f"sum, {title}", out / "confusion_sum.png"),
-            plot_misclassified(misclassified(model, test_set, MAX_SHOWN), test_set,
-                               f"misclassified, {title}", out / "misclassified.png")]
+    return [save(draw_confusion(result.digit_confusion, "digit", f"digit, {title}"), out / "confusion_digit.png"),
+            save(draw_confusion(result.sum_confusion, "sum", f"sum, {title}"), out / "confusion_sum.png"),
+            save(draw_misclassified(misclassified(model, test_set, MAX_SHOWN), test_set, f"misclassified, {title}"),
+                 out / "misclassified.png")]
 
 
 def write_report(run_dir: Path, out: Path, data_root: str | None = None) -> list[Path]:
     """All figures this run allows; returns the paths written."""
     records = read_metrics(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_curves(records, "loss", out / "loss.png"), plot_curves(records, "acc", out / "accuracy.png")]
+    written = [save(draw_losses(records, label_smoothing(run_dir)), out / "loss.png"),
+               save(draw_error_rates(records), out / "accuracy.png")]
     checkpoint_path = newest_checkpoint(run_dir)
     if checkpoint_path is None:
         print(f"note: no checkpoint in {run_dir / 'checkpoints'} yet: test-set figures skipped", file=sys.stderr)
@@ -151,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         written = write_report(args.run_dir, args.out or args.run_dir / "report", args.data_root)
-    except (CheckpointError, DatasetError) as err:
+    except (CheckpointError, ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print("\n".join(str(path) for path in written))

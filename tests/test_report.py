@@ -2,10 +2,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_module
-from mnist_add.report import main, newest_checkpoint, series
+from mnist_add.config import load_config
+from mnist_add.report import (CONFIG_NAME, SPLITS, draw_confusion, draw_error_rates, draw_losses, label_smoothing,
+                              main, newest_checkpoint, series, smoothed_loss_floor)
 from mnist_add.tracking import read_metrics
 from mnist_add.train import train
 
@@ -17,7 +22,6 @@ TEST_SET_FIGURES = ("confusion_digit.png", "confusion_sum.png", "misclassified.p
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_root) -> Path:
     """The debug run: 16 steps, checkpoints at steps 8 and 16, one evaluation, best.pt, summary.json."""
-    from mnist_add.config import load_config
     run = tmp_path_factory.mktemp("run")
     # One thread: two processes' worth on the 2 shared cores makes this several times slower.
     train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={run}", "trainer.num_threads=1"]))
@@ -33,7 +37,7 @@ def preempted_run(finished_run, tmp_path) -> Path:
     (run / "summary.json").unlink()
     (run / "checkpoints" / "best.pt").unlink()
     metrics = run / "metrics.jsonl"
-    lines = [line for line in metrics.read_text().splitlines(keepends=True) if "val/" not in line]
+    lines = [line for line in metrics.read_text().splitlines(keepends=True) if SPLITS["test"] not in line]
     metrics.write_text("".join(lines) + '{"step": 20, "train/lo')
     return run
 
@@ -81,8 +85,82 @@ def test_a_run_without_checkpoints_gets_the_learning_curves_only(finished_run, t
 def test_curves_take_train_and_validation_points_from_their_own_records(finished_run, preempted_run):
     records = read_metrics(finished_run)
     assert series(records, "train/loss_digit")[0] == [4, 8, 12, 16]
-    assert series(records, "val/acc_sum")[0] == [16]
-    assert series(read_metrics(preempted_run), "val/acc_sum") == ([], [])
+    assert series(records, SPLITS["test"] + "acc_sum")[0] == [16]
+    assert series(read_metrics(preempted_run), SPLITS["test"] + "acc_sum") == ([], [])
+
+
+def panels(figure) -> dict[str, object]:
+    """The figure's axes by task, from their titles ("digit loss", "sum error rate ...")."""
+    figure.canvas.draw()  # limits, scales and layout as in the saved PNG
+    return {ax.get_title().split()[0]: ax for ax in figure.axes}
+
+
+def legend_labels(ax) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_accuracy_figure_plots_error_rates_on_a_log_scale(finished_run):
+    records = read_metrics(finished_run)
+    for task, ax in panels(draw_error_rates(records)).items():
+        assert ax.get_yscale() == "log"
+        train_line, test_line = ax.get_lines()
+        for line, split in ((train_line, "train"), (test_line, "test")):
+            accuracies = series(records, f"{SPLITS[split]}acc_{task}")[1]
+            assert list(line.get_ydata()) == pytest.approx([1 - acc for acc in accuracies])
+        assert legend_labels(ax) == [f"train, last {100 * train_line.get_ydata()[-1]:.2f}%",
+                                     f"test, last {100 * test_line.get_ydata()[-1]:.2f}%"]
+
+
+def test_test_accuracies_of_99_5_and_99_7_percent_lie_visibly_apart():
+    """A run climbing from 70%: on the old 0.6-1.0 linear axis these two points were under 2 pixels apart."""
+    records = [{"step": 10 * i, "train/acc_digit": acc, "train/acc_sum": acc}
+               for i, acc in enumerate((0.7, 0.9, 0.97, 0.99, 0.995, 0.996), start=1)]
+    records += [{"step": 60, f"{SPLITS['test']}acc_digit": 0.995, f"{SPLITS['test']}acc_sum": 0.995},
+                {"step": 70, f"{SPLITS['test']}acc_digit": 0.997, f"{SPLITS['test']}acc_sum": 0.997}]
+    ax = panels(draw_error_rates(records))["digit"]
+    (_, y_99_5), (_, y_99_7) = ax.transData.transform([(60, 0.005), (70, 0.003)])
+    assert y_99_5 - y_99_7 > 15  # pixels
+
+
+def test_loss_legend_says_training_is_smoothed_and_testing_is_not(finished_run):
+    smoothing = label_smoothing(finished_run)
+    assert smoothing == {"digit": 0.1, "sum": 0.0}  # the debug run: default smoothing, structured sum head
+    by_task = panels(draw_losses(read_metrics(finished_run), smoothing))
+    assert legend_labels(by_task["digit"]) == ["train (label smoothing 0.1)", "test (no smoothing)",
+                                               "lowest train loss possible (smoothing 0.1): 0.50"]
+    assert legend_labels(by_task["sum"]) == ["train (no smoothing)", "test (no smoothing)"]
+    floor_line = by_task["digit"].get_lines()[-1]
+    assert list(floor_line.get_ydata()) == pytest.approx([smoothed_loss_floor(0.1, 10)] * 2)
+
+
+def test_sum_loss_is_labelled_smoothed_only_for_a_free_sum_head(data_root, tmp_path):
+    cfg = load_config(["debug"], [f"data.root={data_root}", "model.sum_head=free", "model.addend_dim=16",
+                                  "loss.label_smoothing=0.2"])
+    OmegaConf.save(cfg, tmp_path / CONFIG_NAME)
+    assert label_smoothing(tmp_path) == {"digit": 0.2, "sum": 0.2}
+
+
+def test_without_config_yaml_the_training_curve_makes_no_smoothing_claim(finished_run, tmp_path):
+    assert label_smoothing(tmp_path) is None
+    by_task = panels(draw_losses(read_metrics(finished_run), None))
+    assert legend_labels(by_task["digit"]) == ["train", "test (no smoothing)"]
+
+
+@pytest.mark.parametrize("smoothing, num_classes", [(0.1, 10), (0.1, 19), (0.3, 10)])
+def test_smoothed_loss_floor_is_the_loss_of_a_perfect_fit_to_the_smoothed_targets(smoothing, num_classes):
+    targets = torch.full((num_classes,), smoothing / num_classes)
+    targets[3] += 1 - smoothing
+    perfect_fit = F.cross_entropy(targets.log()[None], torch.tensor([3]), label_smoothing=smoothing)
+    assert smoothed_loss_floor(smoothing, num_classes) == pytest.approx(float(perfect_fit))
+
+
+def test_confusion_cells_show_every_count_in_a_readable_size():
+    confusion = torch.tensor([[1130, 2, 0], [5, 1009, 1], [0, 0, 980]])
+    figure = draw_confusion(confusion, "digit", "three classes")
+    ax = figure.axes[0]
+    assert sorted(int(text.get_text()) for text in ax.texts) == sorted(confusion[confusion > 0].tolist())
+    tick_size = ax.get_xticklabels()[0].get_fontsize()
+    assert all(text.get_fontsize() >= max(10, tick_size) for text in ax.texts)
 
 
 def test_a_dir_without_metrics_is_a_one_line_error(tmp_path):
