@@ -1,3 +1,4 @@
+import errno
 import http.server
 import shutil
 import socket
@@ -130,7 +131,8 @@ def assert_names_both_fixes_on_one_line(message: str, root) -> None:
 def test_failed_download_names_each_mirrors_reason_and_both_fixes(tmp_path, monkeypatch, closed_port, local_mirror):
     refusing, missing = f"http://127.0.0.1:{closed_port}/", local_mirror(404)
     message = download_error(monkeypatch, tmp_path, [refusing, missing])
-    assert (f"downloading train-images-idx3-ubyte.gz failed: {refusing} gave [Errno 111] Connection refused; "
+    assert (f"downloading train-images-idx3-ubyte.gz failed: {refusing} gave [Errno {errno.ECONNREFUSED}] "
+            f"Connection refused; "
             f"{missing} gave HTTP Error 404: Not Found)") in message
     assert_names_both_fixes_on_one_line(message, tmp_path)
 
@@ -147,7 +149,7 @@ def test_failed_download_names_a_full_disk(tmp_path, monkeypatch, local_mirror):
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte.gz").symlink_to("/dev/full")  # every write fails with ENOSPC
     message = download_error(monkeypatch, tmp_path, [local_mirror(200, b"x" * 1000)])
-    assert "(downloading failed: [Errno 28] No space left on device)" in message
+    assert f"(downloading failed: [Errno {errno.ENOSPC}] No space left on device)" in message
     assert_names_both_fixes_on_one_line(message, tmp_path)
 
 
