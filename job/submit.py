@@ -21,7 +21,7 @@ from pathlib import Path
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_add.config import Config, ConfigError, build_parser, load_config
+from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged
 from mnist_add.train import setup_logging, train
 
 
@@ -34,18 +34,18 @@ class Cluster(str, Enum):
 @dataclass
 class JobConfig:
     cluster: Cluster = Cluster.slurm
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: a CPU job
-    tasks_per_node: int = 1  # ranks per node; with GPUs, one per GPU (set to gpus_per_node)
-    cpus_per_task: int = 1
-    mem_gb: int = 0  # per node (0: the partition's default)
+    nodes: int = ranged(1, ge=1)
+    gpus_per_node: int = ranged(0, ge=0)  # 0: a CPU job
+    tasks_per_node: int = ranged(1, ge=1)  # ranks per node; with GPUs, one per GPU (set to gpus_per_node)
+    cpus_per_task: int = ranged(1, ge=1)
+    mem_gb: int = ranged(0, ge=0)  # per node (0: the partition's default)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    timeout_min: int = 60  # time limit of each run of the job
-    signal_delay_s: int = 120  # the warning signal (USR2) comes this long before the time limit
-    max_num_timeout: int = 3  # requeues after reaching the time limit (preemptions do not count)
+    timeout_min: int = ranged(60, ge=1)  # time limit of each run of the job
+    signal_delay_s: int = ranged(120, ge=0)  # the warning signal (USR2) comes this long before the time limit
+    max_num_timeout: int = ranged(3, ge=0)  # requeues after reaching the time limit (preemptions do not count)
     name: str = "mnist-add"
     log_dir: str | None = None  # submitit's logs and pickles (default: <run.dir>/submitit)
 
@@ -80,7 +80,7 @@ class Trainer(submitit.helpers.Checkpointable):
         setup_logging(env.rank)
         summary = train(self.cfg)
         preempt_signal = submitit.JobEnvironment._usr_sig()
-        if summary["status"] == "stopped" and summary["signal"] == preempt_signal.name:
+        if summary["status"] == "stopped" and preempt_signal.name in summary["reasons"]:
             signal.getsignal(preempt_signal)(preempt_signal, None)  # submitit: requeue, then exit
         return summary
 

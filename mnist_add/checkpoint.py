@@ -6,6 +6,7 @@ values; it knows nothing of training.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -21,7 +22,11 @@ BEST_NAME = "best.pt"
 # Keys of a training checkpoint (see mnist_add.train); tools that read checkpoints use these.
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
 PROGRESS, RNG, CONFIG, TRACKING_RUN_ID = "progress", "rng", "config", "tracking_run_id"
+TRAINING_KEYS = (MODEL, OPTIMIZER, SCHEDULER, SCALER, PROGRESS, RNG, CONFIG, TRACKING_RUN_ID)
+MODEL_KEYS = (MODEL, CONFIG)  # what tools that only run a model need
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+TMP_MARK = ".tmp-"  # a save in progress, or one killed half way: `.step-00000016.pt.tmp-PID`
+_USE_ANOTHER = "delete it to resume from an older one, or pass trainer.resume=PATH of a good one"
 
 
 class CheckpointError(RuntimeError):
@@ -29,14 +34,22 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write `state` so that `path` is either the old file or the complete new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write `state` so that `path` is either the old file or the complete new one, never half.
+
+    The state is serialised in memory first, so that a full disk surfaces as an OSError naming
+    the file (torch's own writer reports it as an opaque position mismatch).
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)  # make the rename itself durable
@@ -50,18 +63,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; a missing, truncated or corrupt file raises CheckpointError."""
+def load(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a checkpoint on the CPU, requiring `keys`; any file that is not one raises CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass a .pt file (for example {path}/{BEST_NAME})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a save that never finished?); {_USE_ANOTHER}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle and EOF errors all mean the same thing here
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            f"delete it to resume from an older one, or pass trainer.resume=PATH of a good one"
-        ) from err
+        # torch's messages may suggest weights_only=False: never for a file that failed to load safely.
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch file that loads: "
+                              f"{type(err).__name__}); {_USE_ANOTHER}") from err
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path} is a torch file but not an mnist-add checkpoint (no {', '.join(missing)}); "
+                              f"pass a step-*.pt or {BEST_NAME} written by mnist_add.train")
+    return state
 
 
 class Checkpointer:
@@ -72,8 +93,18 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int, write: bool):
         self.directory, self.keep, self.write = Path(directory), keep, write
-        if write:
-            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def prepare(self) -> None:
+        """Before the writer's first save: the folder, cleared of what a job killed while saving left behind
+        (temporary files, step files past keep-k)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob(f".*{TMP_MARK}*"):
+            leftover.unlink()
+        self._prune()
+
+    def _prune(self) -> None:
+        for old in self.step_paths()[self.keep:]:
+            old.unlink()
 
     def step_paths(self) -> list[Path]:
         """Complete step checkpoints, newest first (temporary files of a killed save are not listed)."""
@@ -83,17 +114,17 @@ class Checkpointer:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
+        """Save step `step` (and `best.pt` first: a step file means its verdict on best is on disk too)."""
         path = self.directory / f"step-{step:08d}.pt"
         if self.write:
-            save_atomic(state, path)
             if best:
                 save_atomic(state, self.directory / BEST_NAME)
-            for old in self.step_paths()[self.keep:]:
-                old.unlink()
+            save_atomic(state, path)
+            self._prune()
         return path
 
-    def restore_newest(self, restore: Callable[[dict[str, Any]], None]) -> Path | None:
-        """Apply the newest step checkpoint that loads and fits; warn about and skip bad ones.
+    def restore_newest(self, restore: Callable[[dict[str, Any]], None], keys: tuple[str, ...] = ()) -> Path | None:
+        """Apply the newest step checkpoint that loads (with `keys`) and fits; warn about and skip bad ones.
 
         Returns the path used, or None when the folder has no checkpoint. When checkpoints exist
         but none can be used, raises: starting afresh would silently overwrite the run.
@@ -101,7 +132,7 @@ class Checkpointer:
         failures = []
         for path in self.step_paths():
             try:
-                restore(load(path))
+                restore(load(path, keys))
                 return path
             except CheckpointError as err:
                 log.warning("skipping checkpoint: %s", err)

@@ -7,12 +7,15 @@ The config is read-only once loaded. Runtime facts (rank, device, ...) live in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -21,6 +24,13 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message says what to change."""
+
+
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A schema field whose value must lie within bounds; `validate` checks every such field."""
+    bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    return field(default=default, metadata={"bounds": bounds})
 
 
 class Arch(str, Enum):
@@ -62,12 +72,12 @@ class WandbMode(str, Enum):
 class DataConfig:
     root: str = "data"  # folder holding MNIST/raw/ (torchvision's layout)
     download: bool = True  # fetch MNIST through torchvision when the files are missing
-    train_samples: int = 0  # use only the first N training images (0: all 60k)
-    test_samples: int = 0  # evaluate on the first N test images (0: all 10k)
+    train_samples: int = ranged(0, ge=0, le=60_000)  # use only the first N training images (0: all 60k)
+    test_samples: int = ranged(0, ge=0, le=10_000)  # evaluate on the first N test images (0: all 10k)
     augment: bool = True  # random affine on whole training batches
-    max_rotation_deg: float = 10.0
-    max_shift_px: float = 2.0
-    max_scale_delta: float = 0.1  # scale drawn from [1 - d, 1 + d]
+    max_rotation_deg: float = ranged(10.0, ge=0, le=180)
+    max_shift_px: float = ranged(2.0, ge=0, le=14)
+    max_scale_delta: float = ranged(0.1, ge=0, lt=1)  # scale drawn from [1 - d, 1 + d]
     on_device: bool = True  # keep the uint8 dataset on the GPU when training on CUDA
 
 
@@ -76,53 +86,53 @@ class ModelConfig:
     arch: Arch = Arch.convnet
     heads: Heads = Heads.separate  # how a free sum head sits next to the digit head
     sum_head: SumHead = SumHead.structured
-    width: int = 32  # convnet: channels of the first block (doubled per block)
-    addend_dim: int = 0  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
+    width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
+    addend_dim: int = ranged(0, ge=0)  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
     # structured sum head sees the addend; free and regression heads need it > 0, the seed used 20)
     channels_last: bool = True  # memory format of conv activations (faster on CPU and GPU)
 
 
 @dataclass
 class LossWeights:
-    digit: float = 1.0
-    sum: float = 1.0
+    digit: float = ranged(1.0, ge=0)
+    sum: float = ranged(1.0, ge=0)
 
 
 @dataclass
 class LossConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     sum: SumLoss = SumLoss.ce
-    label_smoothing: float = 0.1  # digit cross-entropy, and sum cross-entropy of free heads (a structured sum
+    label_smoothing: float = ranged(0.1, ge=0, lt=1)  # digit cross-entropy, and sum cross-entropy of free heads (a structured sum
     # has -inf for impossible sums: nothing to smooth onto)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-3  # peak learning rate of the one-cycle schedule
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.2  # share of the steps spent rising to the peak
+    lr: float = ranged(5e-3, gt=0)  # peak learning rate of the one-cycle schedule
+    weight_decay: float = ranged(1e-4, ge=0)
+    warmup_fraction: float = ranged(0.2, gt=0, lt=1)  # share of the steps spent rising to the peak
 
 
 @dataclass
 class TrainerConfig:
-    seed: int = 0
-    epochs: int = 5
-    batch_size: int = 64  # global: summed over all ranks
-    eval_batch_size: int = 1000  # global, for the test set
+    seed: int = ranged(0, ge=0)
+    epochs: int = ranged(5, ge=1)
+    batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
+    eval_batch_size: int = ranged(1000, ge=1)  # global, for the test set
     precision: Precision = Precision.auto
-    num_threads: int = 0  # torch.set_num_threads per process (0: leave torch's default)
+    num_threads: int = ranged(0, ge=0)  # torch.set_num_threads per process (0: leave torch's default)
     resume: str = "auto"  # auto (newest good checkpoint in run.dir), never, or a checkpoint path
-    save_every_steps: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
-    keep_checkpoints: int = 2  # newest step checkpoints kept; best.pt is kept apart
-    log_every_steps: int = 50
+    save_every_steps: int = ranged(0, ge=0)  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    keep_checkpoints: int = ranged(2, ge=1)  # newest step checkpoints kept; best.pt is kept apart
+    log_every_steps: int = ranged(50, ge=1)
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for tests and benches
+    max_steps: int = ranged(0, ge=0)  # stop after this many steps in total (0: run all epochs); for tests and benches
 
 
 @dataclass
 class DistConfig:
     backend: str = "auto"  # nccl on CUDA, gloo on CPU
-    timeout_s: int = 300  # a collective waiting longer than this ends the job instead of hanging it
+    timeout_s: int = ranged(300, ge=1)  # a collective waiting longer than this ends the job instead of hanging it
 
 
 @dataclass
@@ -134,7 +144,7 @@ class WandbConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     dir: str | None = None  # default: <run.dir>/wandb
-    init_timeout_s: float = 30.0  # give up going online after this long and continue offline
+    init_timeout_s: float = ranged(30.0, gt=0)  # give up going online after this long and continue offline
 
 
 @dataclass
@@ -159,13 +169,28 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
     try:
         cfg = OmegaConf.structured(schema)
         for path in files:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(_existing(path)))
+            cfg = OmegaConf.merge(cfg, _load_yaml(_existing(path)))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
+    check_bounds(cfg, schema)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (run:, trainer:, ...), "
+                          f"not a {type(loaded).__name__}")
+    return loaded
 
 
 def _explain(err: OmegaConfBaseException, schema: type) -> str:
@@ -188,6 +213,24 @@ def _existing(path: str) -> Path:
     raise ConfigError(f"config file {path!r} not found (looked as given and in {CONFIG_DIR})")
 
 
+def check_bounds(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """Every float is finite, and every `ranged` field lies within its bounds."""
+    for spec in dataclasses.fields(schema):
+        key, value = f"{prefix}{spec.name}", cfg[spec.name]
+        if isinstance(value, DictConfig):  # a section: its own dataclass
+            check_bounds(value, OmegaConf.get_type(value), f"{key}.")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        for relation, bound in spec.metadata.get("bounds", {}).items():
+            if not _BOUNDS[relation][0](value, bound):
+                raise ConfigError(f"{key} must be {_BOUNDS[relation][1]} {bound}, got {value}")
+
+
+_BOUNDS = {"ge": (lambda v, b: v >= b, "at least"), "gt": (lambda v, b: v > b, "greater than"),
+           "le": (lambda v, b: v <= b, "at most"), "lt": (lambda v, b: v < b, "less than")}
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks across fields that the types alone cannot express."""
     mse, regression = cfg.loss.sum == SumLoss.mse, cfg.model.sum_head == SumHead.regression
@@ -199,9 +242,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.addend_dim == 0 and cfg.model.sum_head != SumHead.structured:
         raise ConfigError("model.addend_dim=0 hides the addend from the network: only model.sum_head=structured "
                           "can then predict the sum; set addend_dim > 0 or sum_head=structured")
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.keep_checkpoints"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
 

@@ -20,8 +20,6 @@ from mnist_add.config import DistConfig
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
 
 @dataclass(frozen=True)
 class Runtime:
@@ -98,25 +96,49 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any."""
+    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
+def stop_signals(env=os.environ) -> tuple[signal.Signals, ...]:
+    """The signals that mean "checkpoint and stop": a scheduler's (TERM; USR1/USR2 ahead of a time limit),
+    Ctrl-C (INT), a closed terminal (HUP), and submitit's preemption signal, whatever
+    SUBMITIT_PREEMPT_SIGNAL makes it."""
+    found = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2]
+    preempt = getattr(signal, "SIG" + env.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG"), None)
+    if isinstance(preempt, signal.Signals) and preempt not in found:
+        found.append(preempt)
+    return tuple(found)
+
+
 class StopSignals:
-    """Remembers that SIGTERM/SIGUSR1/SIGUSR2 arrived; the handler only sets a flag.
+    """Remembers why this process should stop; the signal handler only sets a flag.
 
     Acting on it (agreeing across ranks, saving, exiting) happens at the next step boundary, in
-    normal code. `previous` keeps the handlers that were there before (submitit's, for example)
-    so that a launcher can hand the signal on once the checkpoint is safe.
+    normal code. A second Ctrl-C aborts at once, as people expect. Under torchrun a worker also
+    stops when its agent dies (SIGKILL, the OOM killer): nobody would watch or restart it, and a
+    relaunch would train beside it. `previous` keeps the handlers that were there before
+    (submitit's, for example) so that a launcher can hand the signal on once the checkpoint is safe.
     """
 
-    def __init__(self):
+    AGENT_DIED = "the death of the torchrun agent"
+
+    def __init__(self, env=os.environ):
+        self.signals = stop_signals(env)
+        self.reasons = tuple(signum.name for signum in self.signals) + (self.AGENT_DIED,)  # the same on every rank
         self.received: signal.Signals | None = None
         self.previous: dict[signal.Signals, object] = {}
+        # torchrun starts each worker as a child of its agent, in a session of its own.
+        self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in env else None
 
     def __enter__(self) -> "StopSignals":
-        for signum in STOP_SIGNALS:
+        for signum in self.signals:
             self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -125,4 +147,19 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
         self.received = signal.Signals(signum)
+
+    def reason(self) -> str | None:
+        """Why this process should stop at the next step boundary (one of `reasons`), or None."""
+        if self.received is not None:
+            return self.received.name
+        if self.agent_pid is not None and os.getppid() != self.agent_pid:
+            return self.AGENT_DIED
+        return None
+
+    def vote(self) -> list[int]:
+        """One count per reason, 1 for this process's: summed over ranks, it says who saw what."""
+        reason = self.reason()
+        return [int(reason == name) for name in self.reasons]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mnist_add import checkpoint, distributed
 from mnist_add.config import Config, DistConfig, SumLoss
@@ -95,13 +96,15 @@ def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool):
 
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[AddNet, DictConfig]:
     """The model stored in a checkpoint, in eval mode, and the config it was trained with."""
-    state = checkpoint.load(path)
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), state[checkpoint.CONFIG])
-    model = build_model(cfg.model)
+    state = checkpoint.load(path, keys=checkpoint.MODEL_KEYS)
     try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), state[checkpoint.CONFIG])
+        model = build_model(cfg.model)
         model.load_state_dict(state[checkpoint.MODEL])
-    except RuntimeError as err:
-        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit model.arch={cfg.model.arch.value}: {err}")
+    except (RuntimeError, ValueError, TypeError, AttributeError, OmegaConfBaseException) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not hold a model this version can build: "
+                                         f"{first_line}") from None
     return model.to(device).eval(), cfg
 
 

@@ -18,10 +18,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mnist_add.config import WandbMode, to_dict
+from mnist_add.rundir import METRICS_NAME, strict_json
 
 log = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsFile:
@@ -51,7 +50,10 @@ class MetricsFile:
         return _record_key(record) not in self.seen
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(strict_json(record) + "\n")
+        except OSError as err:  # a full disk: say which file
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self.file.close()

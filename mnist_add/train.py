@@ -9,17 +9,18 @@ Rank 0 writes the run directory: config.yaml, metrics.jsonl, checkpoints/, summa
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnist_add import checkpoint, distributed
 from mnist_add.checkpoint import Checkpointer, CheckpointError
@@ -29,11 +30,12 @@ from mnist_add.distributed import Runtime, StopSignals
 from mnist_add.evaluate import evaluate
 from mnist_add.model import Criterion, build_model
 from mnist_add.precision import Autocast, build_precision
+from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
+                              write_config, write_summary)
 from mnist_add.tracking import build_tracker
 
 log = logging.getLogger("mnist_add")
 
-SUMMARY_NAME = "summary.json"
 # A checkpoint's position means something only for the same sequence of batches and schedule.
 SEQUENCE_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples")
 
@@ -100,25 +102,43 @@ def train(cfg: DictConfig) -> dict:
     """Train as configured, resuming from the run directory when it has checkpoints.
 
     Returns the summary: status "completed", or "stopped" when a signal asked the job to stop
-    (a checkpoint was saved at a step boundary first).
+    (a checkpoint was saved at a step boundary first). A run directory whose run is already
+    complete is left as it is, and its summary returned.
     """
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.use_deterministic_algorithms(cfg.trainer.deterministic)
     runtime = distributed.setup(cfg.dist)
+    lock = RunDirLock(Path(cfg.run.dir))
     try:
+        take_run_dir(lock, runtime)
+        if summary := completed_run(cfg):
+            log.info("%s already holds this run, completed: test digit %.4f sum %.4f both %.4f (%s); nothing to do",
+                     cfg.run.dir, summary["test"]["acc_digit"], summary["test"]["acc_sum"],
+                     summary["test"]["acc_both"], SUMMARY_NAME)
+            return summary
         with StopSignals() as signals:
             return _train(cfg, runtime, signals)
     finally:
+        lock.release()
         distributed.teardown()
+
+
+def take_run_dir(lock: RunDirLock, runtime: Runtime) -> None:
+    """Rank 0 locks run.dir for the job's life; every rank learns together whether the job may go on."""
+    refusal = None
+    if runtime.is_main:
+        try:
+            lock.acquire()
+        except (RunDirError, OSError) as err:
+            refusal = err
+    if distributed.any_rank(refusal is not None, runtime.device):
+        raise refusal or RunDirError("rank 0 could not take the run directory (its message says why)")
 
 
 def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     started = time.perf_counter()
     run_dir = Path(cfg.run.dir)
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
 
     # Data: the same global batches on any world size, on the GPU when training there.
     train_set, test_set = build_datasets(cfg.data, cfg.trainer.seed, runtime.device)
@@ -130,9 +150,13 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     learner = build_learner(cfg, runtime, total_steps)
     progress = Progress()
 
-    # Resume, then open tracking with the checkpoint's run id so a requeued job continues its W&B run.
+    # Resume; only then write to run.dir (a refused launch leaves it as it was), and open tracking
+    # with the checkpoint's run id so that a requeued job continues its W&B run.
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints, write=runtime.is_main)
     resumed_from, run_id = maybe_resume(cfg, checkpointer, learner, progress)
+    if runtime.is_main:
+        checkpointer.prepare()
+        write_config(cfg)
     tracker = build_tracker(cfg, runtime.is_main, run_id)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
@@ -140,51 +164,57 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     result = None  # the latest test evaluation
 
     def save(best: bool = False) -> Path:
+        check_weights_finite(cfg, learner.model, progress, checkpointer)
         state = {**learner.state_dict(), checkpoint.PROGRESS: progress.state_dict(), checkpoint.RNG: rng_state(),
                  checkpoint.CONFIG: to_dict(cfg), checkpoint.TRACKING_RUN_ID: tracker.run_id}
         return checkpointer.save(state, progress.step, best=best)
 
-    try:
-        while not finished(progress, cfg):
-            train_set.set_epoch(progress.epoch)
-            sampler.set_epoch(progress.epoch)
-            sampler.set_start_step(progress.step_in_epoch)
-            for indices in sampler:
-                # One step on this rank's share of the global batch.
-                batch = train_set.batch(indices)
-                window.add(learner.step(batch))
-                progress.step += 1
-                progress.step_in_epoch += 1
-                stop_requested = agree_on_step(progress, indices, batch.addends, signals.received is not None)
-                bar.update()
+    with logging_redirect_tqdm():  # log lines above the progress bar, not onto its line
+        try:
+            while not finished(progress, cfg):
+                train_set.set_epoch(progress.epoch)
+                sampler.set_epoch(progress.epoch)
+                sampler.set_start_step(progress.step_in_epoch)
+                for indices in sampler:
+                    # One step on this rank's share of the global batch.
+                    batch = train_set.batch(indices)
+                    stats = learner.step(batch)
+                    window.add(stats)
+                    progress.step += 1
+                    progress.step_in_epoch += 1
+                    verdict = agree_on_step(progress, indices, batch.addends, signals, stats[0])
+                    bar.update()
 
-                # Log, stop on a signal, checkpoint: decisions every rank takes together.
-                if should_log(progress, cfg):
-                    metrics = window.flush(learner.scheduler.get_last_lr()[0],
-                                           progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
-                    tracker.log(metrics, progress.step)
-                    report_progress(bar, progress.step, metrics)
-                if stop_requested:
-                    return stop(runtime, signals, save(), tracker, progress)
-                if should_save_mid_epoch(progress, cfg, sampler.steps_per_epoch):
-                    save()
-                if finished(progress, cfg):
-                    break
+                    # Diverge, log, stop on a signal, checkpoint: decisions every rank takes together.
+                    if verdict.diverged:
+                        raise DivergenceError(divergence_message(cfg, progress, checkpointer))
+                    if should_log(progress, cfg):
+                        metrics = window.flush(learner.scheduler.get_last_lr()[0],
+                                               progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
+                        tracker.log(metrics, progress.step)
+                        report_progress(bar, progress.step, metrics)
+                    if verdict.stop_reasons:
+                        return stop(runtime, verdict.stop_reasons, save(), tracker, progress)
+                    if should_save_mid_epoch(progress, cfg, sampler.steps_per_epoch):
+                        save()
+                    if finished(progress, cfg):
+                        break
 
-            # End of epoch (or of max_steps): evaluate, then checkpoint with the verdict on best.pt.
-            if progress.step_in_epoch == sampler.steps_per_epoch:
-                progress.epoch += 1
-                progress.step_in_epoch = 0
-            result = evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress)
-            acc_sum = result.metrics()["val/acc_sum"]
-            best = acc_sum > progress.best_acc_sum
-            progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
-            save(best=best)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
+                # End of epoch (or of max_steps): evaluate, then checkpoint with the verdict on best.pt.
+                if progress.step_in_epoch == sampler.steps_per_epoch:
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                check_weights_finite(cfg, learner.model, progress, checkpointer)
+                result = evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress)
+                acc_sum = result.metrics()["val/acc_sum"]
+                best = acc_sum > progress.best_acc_sum
+                progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
+                save(best=best)
+        except BaseException:
+            tracker.finish(exit_code=1)
+            raise
 
-    if result is None:  # resumed a run that had already finished
+    if result is None:  # resumed from the last step of a run killed before it wrote its summary
         result = evaluate(learner.model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum)
     summary = {"status": "completed", "step": progress.step, "epoch": progress.epoch,
                "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
@@ -247,15 +277,12 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
                                   f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
 
     if cfg.trainer.resume == "never":
-        if checkpointer.step_paths():
-            raise CheckpointError(f"trainer.resume=never but {checkpointer.directory} already has checkpoints; "
-                                  f"use a new run.dir, or trainer.resume=auto to continue")
         return None, None
     if cfg.trainer.resume == "auto":
-        path = checkpointer.restore_newest(restore)
+        path = checkpointer.restore_newest(restore, keys=checkpoint.TRAINING_KEYS)
     else:
         path = Path(cfg.trainer.resume)
-        restore(checkpoint.load(path))
+        restore(checkpoint.load(path, keys=checkpoint.TRAINING_KEYS))
     if path:
         log.info("resumed from %s at step %d (epoch %d, step %d in it)",
                  path, progress.step, progress.epoch, progress.step_in_epoch)
@@ -283,13 +310,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def agree_on_step(progress: Progress, indices: torch.Tensor, addends: torch.Tensor, signalled: bool) -> bool:
-    """The one collective of a step: adds this step to the data fingerprint; True if any rank was signalled."""
-    flag = torch.tensor(int(signalled), device=addends.device)
-    step_sum, signalled_ranks = distributed.all_reduce_sum(
-        torch.stack([fingerprint_share(progress.step, indices, addends), flag])).tolist()
+class StepVerdict(NamedTuple):
+    stop_reasons: list[str]  # why ranks were asked to stop (empty: go on)
+    diverged: bool  # some rank's loss was not finite
+
+
+def agree_on_step(progress: Progress, indices: torch.Tensor, addends: torch.Tensor, signals: StopSignals,
+                  loss: torch.Tensor) -> StepVerdict:
+    """The one collective of a step: adds this step to the data fingerprint, and tells every rank whether
+    any rank must stop (and why) or saw its loss diverge."""
+    votes = torch.tensor(signals.vote(), device=addends.device)
+    step_sum, diverged, *counts = distributed.all_reduce_sum(torch.cat([
+        fingerprint_share(progress.step, indices, addends).view(1), (~loss.isfinite()).long().view(1), votes,
+    ])).tolist()
     progress.fingerprint = (progress.fingerprint + step_sum) % (1 << 61)
-    return signalled_ranks > 0
+    return StepVerdict([reason for reason, count in zip(signals.reasons, counts) if count], diverged > 0)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights; nothing from then on was saved."""
+
+
+def divergence_message(cfg: DictConfig, progress: Progress, checkpointer: Checkpointer, what: str = "loss") -> str:
+    saved = checkpointer.step_paths()
+    last = f"the last good checkpoint is {saved[0]}" if saved else "no checkpoint was saved before it"
+    return (f"training diverged: the {what} was not finite at step {progress.step}; nothing from it on was saved "
+            f"and {last}. Lower optim.lr (now {cfg.optim.lr}) and train into a new run.dir")
+
+
+def check_weights_finite(cfg: DictConfig, model: torch.nn.Module, progress: Progress,
+                         checkpointer: Checkpointer) -> None:
+    """Before weights are evaluated or saved: an update can turn them (or BatchNorm's running statistics)
+    non-finite while the loss that made it was still finite. Every rank holds the same weights (the
+    statistics are rank 0's once broadcast for evaluation), so every rank decides alike."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not torch.stack([t.isfinite().all() for t in tensors]).all():
+        raise DivergenceError(divergence_message(cfg, progress, checkpointer, what="weights"))
 
 
 def fingerprint_share(step: int, indices: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
@@ -355,21 +411,20 @@ def evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress):
     return result
 
 
-def stop(runtime: Runtime, signals: StopSignals, saved: Path, tracker, progress: Progress) -> dict:
+def stop(runtime: Runtime, reasons: list[str], saved: Path, tracker, progress: Progress) -> dict:
     """All ranks agreed to stop at this step boundary, and `saved` holds the state they agreed on."""
-    why = signals.received.name if signals.received else "another rank's signal"
     if runtime.is_main:
         log.warning("stopping on %s at step %d; saved %s; run the same command again to resume",
-                    why, progress.step, saved)
+                    " and ".join(reasons), progress.step, saved)
     tracker.finish()
     distributed.barrier()  # nobody exits before rank 0 has written the checkpoint
-    return {"status": "stopped", "signal": why, "step": progress.step, "checkpoint": str(saved)}
+    return {"status": "stopped", "reasons": reasons, "step": progress.step, "checkpoint": str(saved)}
 
 
 def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker) -> None:
     tracker.log_per_class(summary["per_class"], summary["step"])
     if runtime.is_main:
-        (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(run_dir, summary)
         log.info("done: test digit %.4f sum %.4f both %.4f -> %s", summary["test"]["acc_digit"],
                  summary["test"]["acc_sum"], summary["test"]["acc_both"], run_dir / SUMMARY_NAME)
     tracker.finish()
@@ -382,13 +437,26 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done or stopped with a checkpoint, 1 when training diverged, 2 for what the user can fix,
+    130 on a second Ctrl-C."""
     setup_logging(distributed.launcher_ranks()[0])
     try:
         cfg = parse_args(argv, description=__doc__.splitlines()[0])
         train(cfg)
-    except (ConfigError, DatasetError, CheckpointError) as err:
+    except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:
         log.error("%s", err)
         return 2
+    except DivergenceError as err:
+        log.error("%s", err)
+        return 1
+    except OSError as err:
+        if (message := explain_os_error(err)) is None:
+            raise
+        log.error("%s", message)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: no checkpoint saved since the last one")
+        return 130
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared test fixtures: the real MNIST files from ../shared/data, small configs, run helpers."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,14 @@ def isolated_wandb(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def restored_logging():
+    """An entry point called in-process (`main([...])`) points logging at the captured stderr of its test."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:], logging.root.level = handlers, level
+
+
 @pytest.fixture(scope="session")
 def data_root() -> str:
     if not (DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
@@ -45,34 +54,63 @@ def make_cfg(data_root, tmp_path):
     return make
 
 
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: the hold of MNIST_ADD_TEST_HOLD_AT
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a process the tests start: one thread, the test hooks importable."""
+    path = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None,
                launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run `python -m module args` (optionally under a launcher such as torchrun) and capture output."""
     command = [*launcher, "-m", module, *args] if launcher else [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env=subprocess_env(**(env or {})))
 
 
-def start_and_wait_for_checkpoint(train_args: list[str], run_dir: Path, step: int,
-                                  launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Start a training job; return it, still running, once its checkpoint at `step` is on disk."""
+def newest_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint in run_dir, or -1: it only ever grows while a job runs."""
+    steps = [int(p.name[5:13]) for p in (Path(run_dir) / "checkpoints").glob("step-*.pt")]
+    return max(steps, default=-1)
+
+
+def wait_until(condition, what: str, timeout: float = 300, process: subprocess.Popen | None = None):
+    """Poll a condition that, once true, stays true (bounded; no assumed durations)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the job ended while waiting for {what}:\n{process.stdout.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def start_and_wait_for_checkpoint(train_args: list[str], run_dir: Path, step: int, launcher: tuple[str, ...] = (),
+                                  release: Path | None = None) -> subprocess.Popen:
+    """Start a training job that holds after its checkpoint at `step` (tests/hooks/sitecustomize.py) until
+    a rank is asked to stop or `release` exists; return it, still running, once that checkpoint is on disk."""
     command = [*launcher, "-m", "mnist_add.train", *train_args] if launcher \
         else [sys.executable, "-m", "mnist_add.train", *train_args]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    target = Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
-    deadline = time.monotonic() + 120
-    while not target.exists():  # poll a condition: the job's own progress, not a guess at timing
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-        time.sleep(0.01)
+                               env=subprocess_env(MNIST_ADD_TEST_HOLD_AT=str(step),
+                                                  MNIST_ADD_TEST_RELEASE=str(release or "")))
+    wait_until(lambda: newest_step(run_dir) >= step, f"the checkpoint of step {step}", process=process)
     return process
 
 
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # forwarded to the workers, as the README says
+
+
 def torchrun(nproc: int, max_restarts: int = 0) -> tuple[str, ...]:
-    """A torchrun launcher on a free local port, for `run_module(..., launcher=...)`; a store per restart
-    (see mnist_add.distributed.warn_about_shared_torchrun_store)."""
+    """A torchrun launcher on a free local port, for `run_module(..., launcher=...)`, as the README launches
+    it: a store per restart (see mnist_add.distributed.warn_about_shared_torchrun_store), and every stop
+    signal forwarded to the workers."""
     return ("env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", sys.executable, "-m", "torch.distributed.run",
-            "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}")
+            "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
+            f"--signals-to-handle={TORCHRUN_SIGNALS}")
 
 
 def worker_pid(launcher_pid: int, rank: int) -> int | None:

@@ -29,13 +29,10 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path
         from mnist_add.checkpoint import Checkpointer
         ckpt = Checkpointer({str(tmp_path)!r}, keep=2, write=True)
         ckpt.save({{"weights": torch.ones(1000)}}, 1)
-        real_save = torch.save
-        def dying_save(obj, f):
-            real_save(obj, f)
-            f.truncate(f.tell() // 2)
-            f.flush()
+        def dying_fsync(fd):  # half the file reached the disk when the process died
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
             os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = dying_save
+        os.fsync = dying_fsync
         ckpt.save({{"weights": torch.zeros(1000)}}, 2)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
@@ -93,3 +90,58 @@ def test_save_atomic_replaces_the_file_whole(tmp_path):
     save_atomic({"a": 1}, path)
     save_atomic({"a": 2}, path)
     assert load(path) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["x.pt"]
+
+
+def make_bad(kind: str, path):
+    """A file where a checkpoint should be that is not one, of each kind a user may meet."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "foreign torch dict":
+        torch.save({"weights": torch.ones(3)}, path)
+    elif kind == "bare tensor":
+        torch.save(torch.ones(3), path)
+    return path
+
+
+BAD_KINDS = ["empty", "text", "random bytes", "directory", "foreign torch dict", "bare tensor"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_every_bad_file_is_one_checkpoint_error_naming_it(kind, tmp_path):
+    bad = make_bad(kind, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as raised:
+        load(bad, keys=("model", "config"))
+    message = str(raised.value)
+    assert str(bad) in message and "\n" not in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "predict", "train"])
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_every_tool_reports_a_bad_checkpoint_in_one_line(tool, kind, data_root, tmp_path, capsys):
+    from mnist_add import evaluate, predict, train
+    bad = str(make_bad(kind, tmp_path / "bad.pt"))
+    argv, entry, code = {
+        "evaluate": (["--checkpoint", bad, "--data-root", data_root], evaluate.main, 1),
+        "predict": (["--checkpoint", bad, "--index", "0", "3", "--data-root", data_root], predict.main, 1),
+        "train": (["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}",
+                   f"trainer.resume={bad}"], train.main, 2),
+    }[tool]
+    assert entry(argv) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and bad in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_auto_resume_skips_every_bad_file_for_an_older_one(kind, make_cfg, tmp_path, caplog):
+    from mnist_add.train import train
+    train(make_cfg("trainer.max_steps=8"))
+    bad = make_bad(kind, tmp_path / "run/checkpoints/step-00000012.pt")
+    summary = train(make_cfg())
+    assert summary["resumed_from"].endswith("step-00000008.pt") and summary["status"] == "completed"
+    assert f"skipping checkpoint: " in caplog.text and str(bad) in caplog.text

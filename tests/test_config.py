@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mnist_add.config import Arch, ConfigError, load_config
@@ -36,7 +38,7 @@ def test_mse_needs_the_regression_head():
     assert load_config([], ["loss.sum=mse", "model.sum_head=regression", "model.addend_dim=20"]).loss.sum.value == "mse"
 
 
-def test_values_out_of_range_are_refused():
+def test_the_batch_size_must_be_positive():
     with pytest.raises(ConfigError, match="trainer.batch_size must be at least 1"):
         load_config([], ["trainer.batch_size=0"])
 
@@ -49,3 +51,32 @@ def test_a_missing_config_file_says_where_it_looked():
 def test_a_hidden_addend_needs_the_structured_head():
     with pytest.raises(ConfigError, match="addend_dim=0"):
         load_config([], ["model.sum_head=free"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", "optim.lr must be greater than 0, got -1.0"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("model.width=0", "model.width must be at least 1, got 0"),
+    ("trainer.log_every_steps=0", "trainer.log_every_steps must be at least 1, got 0"),
+    ("optim.warmup_fraction=1.5", "optim.warmup_fraction must be less than 1, got 1.5"),
+    ("loss.label_smoothing=2", "loss.label_smoothing must be less than 1, got 2.0"),
+    ("trainer.num_threads=-1", "trainer.num_threads must be at least 0, got -1"),
+    ("data.train_samples=-5", "data.train_samples must be at least 0, got -5"),
+    ("data.train_samples=60001", "data.train_samples must be at most 60000, got 60001"),
+])
+def test_every_field_out_of_its_range_is_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([], [override])
+
+
+def test_a_config_file_with_invalid_yaml_names_the_file_and_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  epochs: 3\n  batch_size: [64\n")
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(bad))} is not valid YAML: .* at line 4"):
+        load_config([str(bad)])
+
+
+def test_the_launcher_sections_are_range_checked_too():
+    from job.submit import SubmitConfig
+    with pytest.raises(ConfigError, match="job.nodes must be at least 1, got 0"):
+        load_config([], ["job.nodes=0"], schema=SubmitConfig)

@@ -1,20 +1,22 @@
 """Real multi-process runs: torchrun on CPU with gloo, 2-3 ranks."""
 
 import json
+import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_module, start_and_wait_for_checkpoint, torchrun, worker_pid
+from conftest import run_module, start_and_wait_for_checkpoint, torchrun, wait_until, worker_pid
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
 
-# Long enough (256 steps) that a signal sent after the first checkpoints lands mid-training.
-LONG = ("data.train_samples=4096", "trainer.epochs=2", "trainer.save_every_steps=16", "trainer.log_every_steps=16",
+# 64 steps on 2 ranks; a job started by start_long_job holds after its checkpoint at step HOLD until a
+# rank is asked to stop, and then stops at the next step boundary, STOP.
+LONG = ("data.train_samples=1024", "trainer.epochs=2", "trainer.save_every_steps=8", "trainer.log_every_steps=8",
         "trainer.deterministic=true")
+HOLD, STOP, LAST = 16, 17, 64
 SEED_NET = ("model.arch=seed", "model.sum_head=free", "model.addend_dim=20", "model.channels_last=false", "data.augment=false",
             "data.train_samples=2048", "trainer.epochs=2", "trainer.deterministic=true")
 
@@ -46,9 +48,27 @@ def assert_bitwise_equal(a, b):
 
 
 def start_long_job(data_root, run_dir, nproc, max_restarts=0):
-    """The long job on `nproc` ranks, returned running once its mid-epoch checkpoint 32 is written."""
-    return start_and_wait_for_checkpoint(train_args(data_root, run_dir, *LONG), run_dir, step=32,
+    """The long job on `nproc` ranks, returned running and holding after its checkpoint at step HOLD."""
+    return start_and_wait_for_checkpoint(train_args(data_root, run_dir, *LONG), run_dir, step=HOLD,
                                          launcher=torchrun(nproc, max_restarts))
+
+
+def step_files(run_dir):
+    return sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"))
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie that nobody reaped yet counts: it runs no code)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def assert_stopped_with_one_checkpoint(output, run_dir, reason):
+    assert output.count("stopping on") == 1 and f"stopping on {reason} at step {STOP}" in output, output[-3000:]
+    assert step_files(run_dir) == [f"step-{HOLD:08d}.pt", f"step-{STOP:08d}.pt"]
+    assert not (Path(run_dir) / "summary.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +111,7 @@ def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted
     process = start_long_job(data_root, tmp_path, nproc=2, max_restarts=1)
     victim = worker_pid(process.pid, rank=1)
     assert victim is not None
-    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    os.kill(victim, signal.SIGKILL)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
     assert "resumed from" in output  # the restarted ranks continued from a checkpoint
@@ -100,21 +120,38 @@ def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted
     assert summary(tmp_path)["test"] == summary(uninterrupted)["test"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_saves_at_a_step_boundary_and_a_relaunch_ends_bitwise_equal(
-        uninterrupted, data_root, tmp_path, signum):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2],
+                         ids=lambda signum: signum.name)
+@pytest.mark.parametrize("target", ["agent", "worker"])
+def test_a_stop_signal_to_the_agent_or_a_worker_saves_one_checkpoint_and_a_relaunch_ends_bitwise_equal(
+        uninterrupted, data_root, tmp_path, signum, target):
     process = start_long_job(data_root, tmp_path, nproc=2)
-    victim = worker_pid(process.pid, rank=1)  # one rank gets it; the others learn at the next step
-    subprocess.run(["kill", f"-{signum.name}", str(victim)], check=True)
+    workers = [worker_pid(process.pid, rank) for rank in (0, 1)]
+    # The agent forwards it to every worker (--signals-to-handle); a worker alone tells the others at the
+    # next step.
+    os.kill(process.pid if target == "agent" else workers[1], signum)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    assert "stopping on" in output and "run the same command again to resume" in output
-    assert not (tmp_path / "summary.json").exists()
-    stopped_at = checkpoint.load(Checkpointer(tmp_path / "checkpoints", 1, False).step_paths()[0])
-    assert 32 <= stopped_at[checkpoint.PROGRESS]["step"] < 256
+    # torchrun itself exits 1 with a traceback after forwarding a signal (it re-raises it); the workers do not.
+    assert process.returncode == (1 if target == "agent" else 0), output[-3000:]
+    assert output.count("Traceback") == output.count("SignalException: Process") == (target == "agent")
+    assert_stopped_with_one_checkpoint(output, tmp_path, signum.name)
+    assert all(gone(pid) for pid in workers)
 
     launch(data_root, tmp_path, *LONG, nproc=2)
-    assert summary(tmp_path)["resumed_from"].endswith(f"step-{stopped_at[checkpoint.PROGRESS]['step']:08d}.pt")
+    assert summary(tmp_path)["resumed_from"].endswith(f"step-{STOP:08d}.pt")
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
+
+
+def test_workers_whose_agent_is_killed_stop_with_a_checkpoint(uninterrupted, data_root, tmp_path):
+    process = start_long_job(data_root, tmp_path, nproc=2)
+    workers = [worker_pid(process.pid, rank) for rank in (0, 1)]
+    os.kill(process.pid, signal.SIGKILL)  # as the OOM killer would: nothing is forwarded
+    process.wait(timeout=60)
+    wait_until(lambda: all(gone(pid) for pid in workers), "the orphaned workers to exit", timeout=300)
+    output = process.stdout.read()  # the workers' output: they inherited the agent's stdout
+    assert_stopped_with_one_checkpoint(output, tmp_path, "the death of the torchrun agent")
+
+    launch(data_root, tmp_path, *LONG, nproc=2)
     assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
 
 
@@ -130,13 +167,13 @@ def test_resuming_on_another_world_size_continues_the_same_samples(data_root, tm
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped_on_every_rank(uninterrupted, data_root, tmp_path):
-    launch(data_root, tmp_path, *LONG, "trainer.max_steps=48", nproc=2)
+    launch(data_root, tmp_path, *LONG, "trainer.max_steps=24", nproc=2)
     newest = Checkpointer(tmp_path / "checkpoints", 1, False).step_paths()[0]
-    assert newest.name == "step-00000048.pt"
+    assert newest.name == "step-00000024.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     result = launch(data_root, tmp_path, *LONG, nproc=2)
-    assert "skipping checkpoint" in result.stderr and "step-00000048.pt is truncated or corrupt" in result.stderr
-    assert summary(tmp_path)["resumed_from"].endswith("step-00000032.pt")
+    assert "skipping checkpoint" in result.stderr and "step-00000024.pt is truncated or corrupt" in result.stderr
+    assert summary(tmp_path)["resumed_from"].endswith("step-00000016.pt")
     assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
 
 

@@ -7,26 +7,28 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_module, torchrun
+from conftest import REPO, newest_step, run_module, subprocess_env, torchrun, wait_until
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
 from mnist_add.config import load_config
 from mnist_add.data import GlobalBatchSampler, MNISTAdd
+from mnist_add.distributed import StopSignals
 from mnist_add.train import Progress, agree_on_step
 from wandb_records import offline_runs
 
-# 256 steps on 2 ranks: long enough to be preempted or requeued after checkpoint 32.
-LONG = ("--config", "debug", "data.train_samples=4096", "trainer.epochs=2", "trainer.save_every_steps=16",
-        "trainer.log_every_steps=16", "trainer.deterministic=true", "trainer.num_threads=1")
+# 64 steps on 2 ranks. With HOLD_AT=N in its environment a job holds after its checkpoint at step N until
+# a rank is asked to stop (tests/hooks/sitecustomize.py): preempted or requeued there, whatever the speed.
+LONG = ("--config", "debug", "data.train_samples=1024", "trainer.epochs=2", "trainer.save_every_steps=8",
+        "trainer.log_every_steps=8", "trainer.deterministic=true", "trainer.num_threads=1")
+HOLD_AT = {"MNIST_ADD_TEST_HOLD_AT": "16"}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def slurm_cluster():
     """The cluster must answer; in CI its absence is a failure, elsewhere a reason to skip."""
     if shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
@@ -38,7 +40,7 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_root):
+def reference(slurm_cluster, tmp_path_factory, data_root):
     """The long job on 2 ranks under torchrun, never interrupted."""
     run_dir = tmp_path_factory.mktemp("reference")
     result = run_module("mnist_add.train", *LONG, f"data.root={data_root}", f"run.dir={run_dir}",
@@ -47,9 +49,9 @@ def reference(tmp_path_factory, data_root):
     return run_dir
 
 
-def submit(data_root, run_dir, *args) -> subprocess.CompletedProcess:
+def submit(data_root, run_dir, *args, env=None) -> subprocess.CompletedProcess:
     return run_module("job.submit", *LONG, f"data.root={data_root}", f"run.dir={run_dir}", "job.cluster=slurm",
-                      "job.tasks_per_node=2", "wandb.mode=offline", *args)
+                      "job.tasks_per_node=2", "wandb.mode=offline", *args, env=env)
 
 
 def job_id(output: str) -> str:
@@ -61,15 +63,6 @@ def sacct_states(job: str) -> list[str]:
     out = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-P", "-o", "State"], capture_output=True,
                          text=True, check=True).stdout
     return [line.split()[0] for line in out.splitlines() if line]
-
-
-def wait_until(condition, what: str, timeout: float = 300):
-    """Poll a condition of the cluster or the run directory (bounded, no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return value
 
 
 def wait_for_job_end(job: str, timeout: float = 300) -> list[str]:
@@ -100,10 +93,10 @@ def test_submitit_job_trains_like_torchrun(reference, data_root, tmp_path):
 
 
 def test_preempted_submitit_job_requeues_resumes_and_ends_bitwise_equal(reference, data_root, tmp_path):
-    result = submit(data_root, tmp_path)
+    result = submit(data_root, tmp_path, env=HOLD_AT)
     assert result.returncode == 0, result.stderr
     job = job_id(result.stdout)
-    wait_until(lambda: (tmp_path / "checkpoints/step-00000032.pt").exists(), "the first checkpoints")
+    wait_until(lambda: newest_step(tmp_path) >= 16, "the job to hold at step 16")
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--output=/dev/null", "--wrap", "true"],
                             capture_output=True, text=True, check=True).stdout.strip()
     states = wait_for_job_end(job)
@@ -127,31 +120,32 @@ def expected_fingerprint(data_root, *overrides) -> int:
         sampler.set_epoch(epoch)
         for indices in sampler:
             progress.step += 1
-            agree_on_step(progress, indices, dataset.addends()[indices], signalled=False)
+            agree_on_step(progress, indices, dataset.addends()[indices], StopSignals(), loss=torch.zeros(()))
     return progress.fingerprint
 
 
-def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(data_root, tmp_path):
-    # ~105 s of training on one rank against a 2-minute limit whose warning is due 60 s before it;
-    # SLURM checks limits every 30 s, so the warning lands 30-90 s into each run, after start-up.
-    slow = ("data.train_samples=8192", "trainer.epochs=18", "model.width=16")
-    result = run_module("job.submit", *LONG, *slow, f"data.root={data_root}", f"run.dir={tmp_path}",
-                        "job.cluster=slurm", "job.timeout_min=2", "job.signal_delay_s=60", "wandb.mode=offline")
+def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(slurm_cluster, data_root, tmp_path):
+    # The first run holds after its first checkpoint until SLURM's warning, due 60 s before the 2-minute
+    # limit (SLURM checks limits every 30 s, so it lands 30-90 s into the run, after start-up); requeued,
+    # the run resumes past the hold and completes, however fast or slow the machine.
+    result = run_module("job.submit", *LONG, f"data.root={data_root}", f"run.dir={tmp_path}", "job.cluster=slurm",
+                        "job.timeout_min=2", "job.signal_delay_s=60", "wandb.mode=offline",
+                        env={"MNIST_ADD_TEST_HOLD_AT": "8"})
     assert result.returncode == 0, result.stderr
     states = wait_for_job_end(job_id(result.stdout), timeout=600)
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
-    assert summary(tmp_path)["fingerprint"] == expected_fingerprint(data_root, *LONG[2:], *slow)
+    assert summary(tmp_path)["fingerprint"] == expected_fingerprint(data_root, *LONG[2:])
     log = "".join(p.read_text() for p in tmp_path.glob("submitit/*/*_0_log.err"))
-    assert "stopping on SIGUSR2" in log and "this job is timed-out" in log
+    assert "stopping on SIGUSR2 at step 9" in log and "this job is timed-out" in log
 
 
 def test_sbatch_script_survives_scontrol_requeue(reference, data_root, tmp_path):
-    env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable}
+    env = subprocess_env(RUN_DIR=str(tmp_path / "run"), PYTHON=sys.executable, **HOLD_AT)
     job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                           f"--output={tmp_path}/%j.out", str(REPO / "slurm/train.sbatch"), *LONG,
                           f"data.root={data_root}", "wandb.mode=disabled"],
                          capture_output=True, text=True, check=True, env=env, cwd=tmp_path).stdout.strip()
-    wait_until(lambda: (tmp_path / "run/checkpoints/step-00000032.pt").exists(), "the first checkpoints")
+    wait_until(lambda: newest_step(tmp_path / "run") >= 16, "the job to hold at step 16")
     subprocess.run(["scontrol", "requeue", job], check=True)
     states = wait_for_job_end(job)
     assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
@@ -160,7 +154,7 @@ def test_sbatch_script_survives_scontrol_requeue(reference, data_root, tmp_path)
     assert_bitwise_equal(final_weights(tmp_path / "run"), final_weights(reference))
 
 
-def test_a_failing_job_surfaces_its_error_to_the_submitter(tmp_path):
+def test_a_failing_job_surfaces_its_error_to_the_submitter(slurm_cluster, tmp_path):
     result = run_module("job.submit", "--config", "debug", f"data.root={tmp_path}", "data.download=false",
                         f"run.dir={tmp_path / 'run'}", "job.cluster=slurm", "--wait")
     assert result.returncode == 1

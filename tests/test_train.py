@@ -1,13 +1,17 @@
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import run_module
 from mnist_add import checkpoint
-from mnist_add.checkpoint import CheckpointError
-from mnist_add.train import train
+from mnist_add.checkpoint import Checkpointer, CheckpointError
+from mnist_add.rundir import RunDirError
+from mnist_add.train import (DivergenceError, Progress, agree_on_step, build_learner, check_weights_finite, main,
+                             train)
 from mnist_add.tracking import read_metrics
 
 EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpoints=100")
@@ -71,7 +75,7 @@ def test_resume_auto_on_a_finished_run_does_not_train_again(make_cfg):
 
 def test_resume_never_refuses_to_mix_with_existing_checkpoints(make_cfg):
     train(make_cfg())
-    with pytest.raises(CheckpointError, match="trainer.resume=never"):
+    with pytest.raises(RunDirError, match="trainer.resume=never"):
         train(make_cfg("trainer.resume=never"))
 
 
@@ -111,5 +115,68 @@ def test_cli_reports_missing_data_with_the_fix(tmp_path):
 def test_a_file_that_is_not_a_training_checkpoint_is_reported(make_cfg, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.ones(3)}, foreign)
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="not an mnist-add checkpoint"):
         train(make_cfg(f"trainer.resume={foreign}"))
+
+
+@pytest.mark.parametrize("mistake", [
+    "optim.lr=-1", "optim.lr=nan", "model.width=0", "trainer.log_every_steps=0", "optim.warmup_fraction=1.5",
+    "loss.label_smoothing=2", "trainer.num_threads=-1", "data.train_samples=-5", "run.dir=UNDER_A_FILE",
+    "--config=INVALID_YAML",
+])
+def test_every_user_mistake_is_one_line_and_exit_2(mistake, data_root, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bad.yaml").write_text("trainer: {epochs: 3\n")
+    mistake = mistake.replace("UNDER_A_FILE", str(tmp_path / "file" / "run")).replace(
+        "INVALID_YAML", str(tmp_path / "bad.yaml"))
+    assert main(["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}", mistake]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert " ERROR " in err
+
+
+def test_divergence_stops_with_an_error_and_saves_no_non_finite_weights(data_root, tmp_path):
+    result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}",
+                        "optim.lr=1e6", "trainer.save_every_steps=2", "trainer.num_threads=1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = re.search(r"training diverged: the (loss|weights) was not finite at step (\d+); .* the last good "
+                      r"checkpoint is (\S+)\. Lower optim.lr", result.stderr)
+    assert error, result.stderr[-3000:]
+    saved = sorted((tmp_path / "checkpoints").glob("*.pt"))
+    assert saved and Path(error.group(3)) in saved and int(error.group(2)) > checkpoint_step(Path(error.group(3)))
+    for path in saved:  # best.pt too, if an evaluation came before the divergence
+        assert all(t.isfinite().all() for t in checkpoint.load(path)[checkpoint.MODEL].values()), path
+    assert not (tmp_path / "summary.json").exists()
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def checkpoint_step(path: Path) -> int:
+    return checkpoint.load(path)[checkpoint.PROGRESS]["step"]
+
+
+def test_weights_that_turned_non_finite_are_never_saved(make_cfg, tmp_path):
+    progress, checkpointer = Progress(step=7), Checkpointer(tmp_path, 2, write=True)
+    model = torch.nn.Linear(2, 2)
+    check_weights_finite(make_cfg(), model, progress, checkpointer)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(DivergenceError, match="the weights was not finite at step 7; .* no checkpoint was saved"):
+        check_weights_finite(make_cfg(), model, progress, checkpointer)
+
+
+def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
+    from mnist_add.data import MNISTAdd
+    from mnist_add.distributed import Runtime, StopSignals
+    cfg = make_cfg("trainer.precision=fp16")
+    learner = build_learner(cfg, Runtime(), total_steps=10)
+    learner.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # scaled gradients overflow: skipped
+    before = {k: v.clone() for k, v in learner.model.named_parameters()}
+    dataset = MNISTAdd(cfg.data.root, train=True, num_samples=64)
+    indices = torch.arange(32)
+    batch = dataset.batch(indices)
+    stats = learner.step(batch)
+    assert learner.scaler.get_scale() == 2.0 ** 119  # it skipped, and backed off
+    assert all(torch.equal(before[k], v) for k, v in learner.model.named_parameters())
+    verdict = agree_on_step(Progress(step=1), indices, batch.addends, StopSignals(), stats[0])
+    assert not verdict.diverged and verdict.stop_reasons == []
