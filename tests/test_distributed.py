@@ -11,6 +11,7 @@ import torch
 from conftest import run_module, start_and_wait_for_checkpoint, torchrun, wait_until, worker_pid
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
+from mnist_add.distributed import StopSignals, stop_signals
 
 # 64 steps on 2 ranks; a job started by start_long_job holds after its checkpoint at step HOLD until a
 # rank is asked to stop, and then stops at the next step boundary, STOP.
@@ -191,3 +192,36 @@ def test_mixed_precision_on_cpu_trains_and_its_scaler_survives_a_resume(make_cfg
     if precision == "fp16":
         assert saved["cut"][checkpoint.SCALER]["scale"] > 0 and saved["cut"][checkpoint.SCALER]["_growth_tracker"] > 0
     assert_bitwise_equal(saved["cut"][checkpoint.MODEL], saved["whole"][checkpoint.MODEL])
+
+
+def test_a_stop_signal_to_a_single_process_job_saves_and_a_relaunch_ends_bitwise_equal(data_root, tmp_path):
+    args = train_args(data_root, tmp_path / "cut", *SEED_NET)
+    process = start_and_wait_for_checkpoint(list(args), tmp_path / "cut", step=8)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0 and "stopping on SIGINT at step 9" in output, output[-3000:]
+    launch(data_root, tmp_path / "cut", *SEED_NET)
+    launch(data_root, tmp_path / "whole", *SEED_NET)
+    assert_bitwise_equal(final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole"))
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    signals = StopSignals()
+    signals._handle(signal.SIGINT, None)
+    assert signals.reason() == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        signals._handle(signal.SIGINT, None)
+
+
+def test_submitits_preemption_signal_is_a_stop_signal_whatever_it_is_set_to():
+    assert signal.SIGPWR in stop_signals({"SUBMITIT_PREEMPT_SIGNAL": "PWR"})
+    assert signal.SIGUSR2 in stop_signals({}) and signal.SIGHUP in stop_signals({})
+
+
+def test_a_worker_notices_the_death_of_its_torchrun_agent(monkeypatch):
+    monkeypatch.setattr(os, "getppid", lambda: 4242)
+    signals = StopSignals({"TORCHELASTIC_RUN_ID": "x"})
+    assert signals.reason() is None
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # reparented
+    assert signals.reason() == StopSignals.AGENT_DIED
+    assert StopSignals({}).reason() is None  # outside torchrun a parent's exit means nothing (nohup)

@@ -86,12 +86,6 @@ def test_a_checkpoint_of_another_architecture_is_reported(make_cfg, tmp_path):
                        f"trainer.resume={tmp_path / 'run/checkpoints/best.pt'}"))
 
 
-def test_resuming_with_another_batch_size_is_refused(make_cfg):
-    train(make_cfg("trainer.max_steps=8"))
-    with pytest.raises(CheckpointError, match="trainer.batch_size=32"):
-        train(make_cfg("trainer.batch_size=64"))
-
-
 def test_cli_trains_the_debug_config(data_root, tmp_path):
     result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
@@ -180,3 +174,23 @@ def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
     assert all(torch.equal(before[k], v) for k, v in learner.model.named_parameters())
     verdict = agree_on_step(Progress(step=1), indices, batch.addends, StopSignals(), stats[0])
     assert not verdict.diverged and verdict.stop_reasons == []
+
+
+@pytest.mark.parametrize("key,other", [("trainer.seed", 1), ("trainer.batch_size", 64), ("trainer.epochs", 2),
+                                       ("data.train_samples", 256)])
+def test_resuming_with_another_data_sequence_is_refused(make_cfg, key, other):
+    train(make_cfg("trainer.max_steps=8"))
+    with pytest.raises(CheckpointError, match=rf"written with {re.escape(key)}=\S+, this run has {re.escape(key)}="
+                                              rf"{other}; resume with the same value"):
+        train(make_cfg(f"{key}={other}"))
+
+
+def test_best_pt_holds_the_evaluation_with_the_highest_sum_accuracy_across_resumes(make_cfg, tmp_path):
+    train(make_cfg("trainer.epochs=3", "trainer.max_steps=24"))  # stops mid-epoch 2, after one evaluation
+    train(make_cfg("trainer.epochs=3"))
+    evaluations = [r for r in read_metrics(tmp_path / "run") if "val/acc_sum" in r]
+    assert [r["step"] for r in evaluations] == [16, 24, 32, 48]  # max_steps ends with an evaluation too
+    best = max(evaluations, key=lambda r: r["val/acc_sum"])
+    saved = checkpoint.load(tmp_path / "run/checkpoints/best.pt")
+    assert saved[checkpoint.PROGRESS]["step"] == best["step"]
+    assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["val/acc_sum"]
