@@ -70,7 +70,8 @@ class WandbMode(str, Enum):
 
 @dataclass
 class DataConfig:
-    root: str = "data"  # folder holding MNIST/raw/ (torchvision's layout)
+    root: str = "${oc.env:MNIST_ADD_DATA_ROOT,data}"  # folder holding MNIST/raw/ (torchvision's layout); the
+    # environment variable MNIST_ADD_DATA_ROOT sets it for training and the tests alike
     download: bool = True  # fetch MNIST through torchvision when the files are missing
     train_samples: int = ranged(0, ge=0, le=60_000)  # use only the first N training images (0: all 60k)
     test_samples: int = ranged(0, ge=0, le=10_000)  # evaluate on the first N test images (0: all 10k)

@@ -116,7 +116,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def write_config(cfg: DictConfig) -> None:
-    OmegaConf.save(cfg, Path(cfg.run.dir) / CONFIG_NAME)
+    OmegaConf.save(cfg, Path(cfg.run.dir) / CONFIG_NAME, resolve=True)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

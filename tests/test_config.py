@@ -80,3 +80,11 @@ def test_the_launcher_sections_are_range_checked_too():
     from job.submit import SubmitConfig
     with pytest.raises(ConfigError, match="job.nodes must be at least 1, got 0"):
         load_config([], ["job.nodes=0"], schema=SubmitConfig)
+
+
+def test_the_data_root_comes_from_the_environment_as_for_the_tests(monkeypatch):
+    monkeypatch.delenv("MNIST_ADD_DATA_ROOT", raising=False)
+    assert load_config([], []).data.root == "data"
+    monkeypatch.setenv("MNIST_ADD_DATA_ROOT", "/mnt/mnist")
+    assert load_config([], []).data.root == "/mnt/mnist"
+    assert load_config([], ["data.root=/elsewhere"]).data.root == "/elsewhere"  # the command line still wins
