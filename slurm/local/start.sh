@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Start a single-node SLURM cluster with accounting on localhost (Debian 12, as root,
-# no systemd needed). Idempotent: running it again only starts what is not running.
+# Start a SLURM cluster with accounting on this machine (Debian 12, as root, no systemd
+# needed): one node called localhost, or N nodes node1..nodeN, each its own slurmd.
+# Idempotent: running it again only starts what is not running.
+#   MNIST_ADD_SLURM_NODES    number of nodes; 2 or more are named node1..nodeN and mapped
+#                            to 127.0.0.1 in /etc/hosts                   [1: localhost]
 #   MNIST_ADD_SLURM_DIR      state dir (configs, logs, spool, database) [/tmp/mnist-add-slurm]
 #   MNIST_ADD_SLURM_DB_PORT  port of the private MariaDB on 127.0.0.1   [3307]
 #   MNIST_ADD_SLURM_TIMEOUT  seconds to wait for the daemons, after apt   [90]
@@ -10,12 +13,17 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STATE=${MNIST_ADD_SLURM_DIR:-/tmp/mnist-add-slurm}
 DB_PORT=${MNIST_ADD_SLURM_DB_PORT:-3307}
 TIMEOUT=${MNIST_ADD_SLURM_TIMEOUT:-90}
+NODES=${MNIST_ADD_SLURM_NODES:-1}
 DB=$STATE/mysql
 export SLURM_CONF=$STATE/etc/slurm.conf
 
 log() { echo "start.sh: $*"; }
 die() { echo "start.sh: ERROR: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (installs packages, starts daemons)"
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || die "MNIST_ADD_SLURM_NODES must be a number of nodes >= 1, got '$NODES'"
+# One node keeps the name localhost (no name to resolve). Several need names of their own, and those
+# must resolve to this machine wherever a rank or torchrun uses the first node as its rendezvous.
+if [ "$NODES" = 1 ]; then NAMES=(localhost); else mapfile -t NAMES < <(seq -f 'node%g' 1 "$NODES"); fi
 
 # --- packages --------------------------------------------------------------------------
 PKGS="munge slurmctld slurmd slurm-client slurmdbd mariadb-server"
@@ -58,12 +66,20 @@ wait_for() {
 running() { [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]; }
 
 # --- state dir and configs -------------------------------------------------------------
-mkdir -p "$STATE"/etc "$STATE"/log "$STATE"/run "$STATE"/spool/ctld "$STATE"/spool/d
+mkdir -p "$STATE"/etc "$STATE"/log "$STATE"/run "$STATE"/spool/ctld
+for name in "${NAMES[@]}"; do mkdir -p "$STATE/spool/d/$name"; done
 chmod 755 "$STATE"   # the mysql user must reach $DB
 CPUS=$(nproc)
 MEM=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)   # MiB, 10% headroom
+# Every node gets all CPUs and a port of its own (6821, 6822, ...; 6817-6819 are the daemons').
+node_lines=""
+for i in "${!NAMES[@]}"; do
+    node_lines+="NodeName=${NAMES[i]} NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((6821 + i)) Weight=$((i + 1))"
+    node_lines+=" CPUs=$CPUS RealMemory=$MEM State=UNKNOWN\\n"
+done
+ALL=$(IFS=,; echo "${NAMES[*]}")
 for f in slurm.conf slurmdbd.conf; do
-    sed -e "s|@STATE@|$STATE|g" -e "s|@CPUS@|$CPUS|g" -e "s|@MEM@|$MEM|g" \
+    sed -e "s|@STATE@|$STATE|g" -e "s|@NODES@|${node_lines%\\n}|" -e "s|@ALL@|$ALL|g" -e "s|@FIRST@|${NAMES[0]}|g" \
         -e "s|@DB_PORT@|$DB_PORT|g" "$HERE/$f.in" >"$STATE/etc/$f.new"
     if ! cmp -s "$STATE/etc/$f.new" "$STATE/etc/$f" 2>/dev/null && running "$STATE/run/slurmctld.pid" slurmctld; then
         log "WARNING: $f changed while the cluster runs; run stop.sh and start.sh to apply it"
@@ -71,6 +87,19 @@ for f in slurm.conf slurmdbd.conf; do
     mv "$STATE/etc/$f.new" "$STATE/etc/$f"
 done
 chmod 600 "$STATE/etc/slurmdbd.conf"   # slurmdbd insists (it holds the DB password)
+
+# --- node names resolve to this machine ---------------------------------------------------
+# scontrol show hostnames gives node names, and the ranks connect to the first one.
+for name in "${NAMES[@]}"; do
+    addr=$(getent ahostsv4 "$name" 2>/dev/null | awk 'NR == 1 {print $1}' || true)
+    case $addr in
+        127.*) ;;
+        "") log "adding $name to /etc/hosts (127.0.0.1)"
+            echo "127.0.0.1 $name   # mnist-add slurm/local" >>/etc/hosts \
+                || die "cannot add $name to /etc/hosts; map it to 127.0.0.1 there" ;;
+        *) die "node name $name resolves to $addr, not to this machine; remove it from /etc/hosts or DNS" ;;
+    esac
+done
 
 # --- munge: slurm's authentication ------------------------------------------------------
 if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -127,22 +156,26 @@ if ! running "$STATE/run/slurmctld.pid" slurmctld; then
     slurmctld -i   # -i: ignore unreadable state files from an old run
 fi
 wait_for slurmctld "$STATE/log/slurmctld.log" scontrol ping
-if ! running "$STATE/run/slurmd.pid" slurmd; then
-    log "starting slurmd"
-    slurmd -N localhost   # the node is called localhost whatever the host name is
-fi
+for name in "${NAMES[@]}"; do
+    if ! running "$STATE/run/slurmd-$name.pid" slurmd; then
+        log "starting slurmd $name"
+        slurmd -N "$name"   # this slurmd is node $name, whatever the host name is
+    fi
+done
 
+# node_up NAME: the node answers; one left down or drained by an earlier run is put back into service.
 node_up() {
-    local st; st=$(sinfo -h -n localhost -o %T 2>/dev/null)
+    local st; st=$(sinfo -h -n "$1" -o %T 2>/dev/null)
     case $st in
         idle | mixed | allocated | completing) return 0 ;;
-        # A node left down/drained by an earlier run: put it back into service.
-        down* | drain* | *drain) scontrol update nodename=localhost state=resume 2>/dev/null; return 1 ;;
+        down* | drain* | *drain) scontrol update nodename="$1" state=resume 2>/dev/null; return 1 ;;
         *) return 1 ;;
     esac
 }
-wait_for "node localhost" "$STATE/log/slurmd.log" node_up
+for name in "${NAMES[@]}"; do
+    wait_for "node $name" "$STATE/log/slurmd-$name.log" node_up "$name"
+done
 wait_for sacct "$STATE/log/slurmdbd.log" sacct -n -X -S now-1minutes
 
-log "cluster up after $((SECONDS - T0))s: $(sinfo -h -o '%P %T %C' | tr '\n' ' ')"
+log "cluster up after $((SECONDS - T0))s: $(sinfo -h -o '%P %D %T %C %N' | tr '\n' ' ')"
 echo "export SLURM_CONF=$SLURM_CONF"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stop the localhost SLURM cluster started by start.sh: cancel all jobs, shut down
-# slurmctld/slurmd, then slurmdbd, MariaDB and (if start.sh started it) munged.
+# Stop the SLURM cluster started by start.sh: cancel all jobs, shut down slurmctld and
+# every node's slurmd, then slurmdbd, MariaDB and (if start.sh started it) munged.
 # Idempotent: whatever is not running is skipped. Every wait is bounded.
 set -euo pipefail
 
@@ -50,7 +50,12 @@ if [ -f "$SLURM_CONF" ] && running "$STATE/run/slurmctld.pid" slurmctld; then
     scontrol shutdown >/dev/null 2>&1 || true
 fi
 stop_pid slurmctld "$STATE/run/slurmctld.pid" 30 -   # already told by scontrol shutdown
-stop_pid slurmd "$STATE/run/slurmd.pid" 30   # in case slurmctld was not there to tell it
+# Each node's slurmd (slurmd-NAME.pid; slurmd.pid from a cluster started before there were several),
+# in case slurmctld was not there to tell it.
+for pidfile in "$STATE"/run/slurmd-*.pid "$STATE"/run/slurmd.pid; do
+    [ -e "$pidfile" ] || continue
+    stop_pid slurmd "$pidfile" 30
+done
 stop_pid slurmdbd "$STATE/run/slurmdbd.pid" 30
 stop_pid mariadbd "$DB/mariadb.pid" 60          # SIGTERM = clean InnoDB shutdown
 if [ -e "$STATE/run/munged.ours" ]; then
