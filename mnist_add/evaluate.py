@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mnist_add import checkpoint, distributed
 from mnist_add.config import Config, DistConfig, SumLoss
-from mnist_add.data import NUM_ADDENDS, NUM_SUMS, DatasetError, MNISTAdd, shard_batches
+from mnist_add.data import NUM_ADDENDS, NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime, all_reduce_sum
 from mnist_add.model import NUM_DIGITS, AddNet, build_model, task_losses
 
@@ -57,21 +58,26 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
              sum_loss: SumLoss, autocast=nullcontext, exhaustive: bool = False) -> Evaluation:
     """Score every test image once (with its fixed addend), or with all ten addends if `exhaustive`.
 
-    Rank r scores images r, r + W, ...; the counts are summed over ranks, so the result does not
-    depend on the world size.
+    The images are split into batches of `batch_size` the same way on any world size, and rank r
+    scores batches r, r + W, ... whole (a kernel can round a sample differently in a batch of
+    another size). Counts and loss sums are summed exactly over batches and ranks, so the result
+    does not depend on the world size.
     """
     was_training = model.training
     model.eval()
-    losses = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    digit_confusion = torch.zeros(NUM_DIGITS * NUM_DIGITS, dtype=torch.int64, device=runtime.device)
-    sum_confusion = torch.zeros(NUM_SUMS * NUM_SUMS, dtype=torch.int64, device=runtime.device)
-    both = torch.zeros(1, dtype=torch.int64, device=runtime.device)
-    for indices in shard_batches(len(dataset), batch_size, runtime.rank, runtime.world_size):
-        images, digits, addends, sums = _pairs(dataset, indices, exhaustive)
+    device = runtime.device
+    batches = torch.arange(len(dataset)).split(batch_size)
+    # Each batch's loss sums in a slot of their own, zero on the ranks that do not score it: the
+    # all-reduce copies them unchanged, and math.fsum adds them exactly, in any order.
+    losses = torch.zeros(2, len(batches), dtype=torch.float64, device=device)  # [digit, sum] x batch
+    digit_confusion = torch.zeros(NUM_DIGITS * NUM_DIGITS, dtype=torch.int64, device=device)
+    sum_confusion = torch.zeros(NUM_SUMS * NUM_SUMS, dtype=torch.int64, device=device)
+    both = torch.zeros(1, dtype=torch.int64, device=device)
+    for batch in range(runtime.rank, len(batches), runtime.world_size):
+        images, digits, addends, sums = _pairs(dataset, batches[batch], exhaustive)
         with autocast():
             outputs = model(images, addends)
-        loss_digit, loss_sum = task_losses(outputs, digits, sums, sum_loss, reduction="sum")
-        losses += torch.stack([loss_digit, loss_sum]).double()
+        losses[:, batch] = torch.stack(task_losses(outputs, digits, sums, sum_loss, reduction="sum")).double()
         digit_pred, sum_pred = (o.argmax(1) for o in outputs)
         digit_confusion += torch.bincount(digits * NUM_DIGITS + digit_pred, minlength=NUM_DIGITS ** 2)
         sum_confusion += torch.bincount(sums * NUM_SUMS + sum_pred, minlength=NUM_SUMS ** 2)
@@ -79,7 +85,8 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
     model.train(was_training)
     for t in (losses, digit_confusion, sum_confusion, both):
         all_reduce_sum(t)
-    return Evaluation(int(digit_confusion.sum()), float(losses[0]), float(losses[1]),
+    loss_digit, loss_sum = (math.fsum(row.tolist()) for row in losses)
+    return Evaluation(int(digit_confusion.sum()), loss_digit, loss_sum,
                       digit_confusion.view(NUM_DIGITS, NUM_DIGITS).cpu(),
                       sum_confusion.view(NUM_SUMS, NUM_SUMS).cpu(), int(both))
 

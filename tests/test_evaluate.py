@@ -1,20 +1,49 @@
 import json
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import run_module
-from mnist_add.evaluate import load_model
+from conftest import run_module, torchrun
+from mnist_add.config import SumLoss, load_config
+from mnist_add.data import MNISTAdd
+from mnist_add.distributed import Runtime
+from mnist_add.evaluate import evaluate, load_model, main
 from mnist_add.train import train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root):
-    from mnist_add.config import load_config
     run = tmp_path_factory.mktemp("trained")
     summary = train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={run}", "data.test_samples=0",
                                             "trainer.num_threads=1"]))
     return run, summary
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    run, _ = trained
+    return load_model(f"{run}/checkpoints/best.pt")[0]
+
+
+class Recorder(torch.nn.Module):
+    """A model that remembers each batch of (image, addend) pairs it was asked to score."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.batches = []
+        self.train(model.training)
+
+    def forward(self, images, addends):
+        self.batches.append(list(zip((image.numpy().tobytes() for image in images), addends.tolist())))
+        return self.model(images, addends)
+
+    def pairs(self, images: MNISTAdd) -> list[tuple[int, int]]:
+        """Every pair scored, in order, as (index of the image in `images`, addend)."""
+        index_of = {image.numpy().tobytes(): i for i, image in enumerate(images.batch(torch.arange(len(images))).images)}
+        return [(index_of[image], addend) for batch in self.batches for image, addend in batch]
 
 
 def test_load_model_returns_an_eval_model_and_its_config(trained):
@@ -25,24 +54,25 @@ def test_load_model_returns_an_eval_model_and_its_config(trained):
     assert digit_logits.shape == (3, 10) and sum_logits.shape == (3, 19)
 
 
-def test_cli_reproduces_the_training_summary(trained, data_root):
+def test_cli_on_two_ranks_reproduces_the_single_process_training_summary_exactly(trained, data_root):
     run, summary = trained
+    eval_batch_size = load_model(f"{run}/checkpoints/best.pt")[1].trainer.eval_batch_size
     result = run_module("mnist_add.evaluate", "--checkpoint", f"{run}/checkpoints/best.pt", "--json",
-                        "--data-root", data_root)
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads(result.stdout)
+                        "--data-root", data_root, "--batch-size", str(eval_batch_size), launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["pairs"] == 10_000
-    for key, value in summary["test"].items():  # counts are exact; loss sums differ in float rounding
-        assert metrics[key] == (value if key.startswith("acc") else pytest.approx(value, rel=1e-5)), key
+    # Counts are exact, and so are the loss sums: not one bit differs.
+    assert {key: metrics[key] for key in summary["test"]} == summary["test"]
 
 
-def test_exhaustive_scores_every_image_with_all_ten_addends(trained, data_root):
-    run, _ = trained
-    result = run_module("mnist_add.evaluate", "--checkpoint", f"{run}/checkpoints/best.pt", "--json",
-                        "--exhaustive", "--data-root", data_root)
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads(result.stdout)
-    assert metrics["pairs"] == 100_000 and 0 < metrics["acc_sum"] <= 1
+def test_cli_exhaustive_scores_ten_pairs_per_image(trained, data_root, capsys):
+    run, summary = trained
+    assert main(["--checkpoint", f"{run}/checkpoints/best.pt", "--json", "--exhaustive", "--data-root", data_root]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["pairs"] == 100_000
+    # This network reads the digit without the addend, and its sum is digit + addend by construction.
+    assert metrics["acc_digit"] == metrics["acc_sum"] == summary["test"]["acc_digit"]
 
 
 def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path):
@@ -51,3 +81,46 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     result = run_module("mnist_add.evaluate", "--checkpoint", str(bad))
     assert result.returncode == 1
     assert "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exhaustive_scores_each_image_once_with_each_addend(model, data_root):
+    images = MNISTAdd(data_root, train=False, num_samples=30)
+    recorder = Recorder(model)
+    result = evaluate(recorder, images, Runtime(), batch_size=8, sum_loss=SumLoss.ce, exhaustive=True)
+    assert Counter(recorder.pairs(images)) == Counter({(image, addend): 1 for image in range(30) for addend in range(10)})
+    assert result.num_pairs == 300
+    # The targets: each image's digit ten times, and sums digit + 0 .. digit + 9.
+    digits = images.targets
+    assert result.digit_confusion.sum(1).tolist() == (10 * torch.bincount(digits, minlength=10)).tolist()
+    true_sums = torch.cat([digits + addend for addend in range(10)])
+    assert result.sum_confusion.sum(1).tolist() == torch.bincount(true_sums, minlength=19).tolist()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_score_the_single_process_batches_whole(model, data_root, world_size):
+    """A kernel can round a sample differently in a batch of another size: same batches, same bits."""
+    images = MNISTAdd(data_root, train=False, num_samples=100)
+    single = Recorder(model)
+    whole = evaluate(single, images, Runtime(), 16, SumLoss.ce)
+    batches, digit_confusion = [], torch.zeros(10, 10, dtype=torch.int64)
+    for rank in range(world_size):  # each rank's share, before the sum over ranks
+        recorder = Recorder(model)
+        digit_confusion += evaluate(recorder, images, Runtime(rank=rank, world_size=world_size), 16,
+                                    SumLoss.ce).digit_confusion
+        batches += recorder.batches
+    assert sorted(batches) == sorted(single.batches) and len(batches) == 7  # 100 images in batches of 16
+    assert torch.equal(digit_confusion, whole.digit_confusion)
+
+
+@pytest.mark.parametrize("exhaustive", [False, True], ids=["fixed addends", "exhaustive"])
+def test_losses_are_the_mean_cross_entropy_over_the_pairs(model, data_root, exhaustive):
+    images = MNISTAdd(data_root, train=False, num_samples=100)
+    metrics = evaluate(model, images, Runtime(), 32, SumLoss.ce, exhaustive=exhaustive).metrics()
+    batch = images.batch(torch.arange(100))
+    copies = 10 if exhaustive else 1
+    addends = torch.arange(10).repeat_interleave(100) if exhaustive else batch.addends
+    digits = batch.digits.repeat(copies)
+    with torch.no_grad():
+        digit_logits, sum_logits = model(batch.images.repeat(copies, 1, 1, 1), addends)
+    assert metrics["val/loss_digit"] == pytest.approx(F.cross_entropy(digit_logits, digits).item(), rel=1e-6)
+    assert metrics["val/loss_sum"] == pytest.approx(F.cross_entropy(sum_logits, digits + addends).item(), rel=1e-6)
