@@ -1,13 +1,20 @@
 """W&B runs offline, every folder inside the test's tmp_path (see conftest.isolated_wandb)."""
 
+import itertools
+import os
 import signal
 import socket
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import run_module, start_and_wait_for_checkpoint, torchrun
+from conftest import run_module, torchrun
 from mnist_add import checkpoint
 from mnist_add.config import WandbMode
+from mnist_add.model import AddNet
 from mnist_add.tracking import read_metrics, wandb_mode
 from mnist_add.train import train
 from wandb_records import offline_runs
@@ -68,22 +75,52 @@ def test_steps_trained_again_after_a_crash_are_not_logged_twice(make_cfg, tmp_pa
     assert scalar_rows(second) == {}  # steps 20..32 were recomputed, bitwise equal, and not re-logged
 
 
-def test_only_rank_zero_creates_a_run(data_root, tmp_path, isolated_wandb):
+def test_only_rank_zero_writes_metrics_and_creates_a_run(data_root, tmp_path, isolated_wandb):
     result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}",
                         "wandb.mode=offline", launcher=torchrun(2))
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = offline_runs(tmp_path / "run")
     assert run["exit_code"] == 0
     assert not list(isolated_wandb.rglob("offline-run-*"))  # no other rank wrote anywhere else
+    # Each record once: training every 4 of the 16 steps, the evaluation at the end.
+    records = Counter((r["step"], "val/acc_sum" in r) for r in read_metrics(tmp_path / "run"))
+    assert records == {(4, False): 1, (8, False): 1, (12, False): 1, (16, False): 1, (16, True): 1}
+    # And each is rank 0's: its timings equal those of the W&B run, which only rank 0 has.
+    assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
 
 
-def test_auto_without_credentials_is_offline_without_touching_the_network(monkeypatch):
-    def no_network(*args, **kwargs):
-        raise AssertionError("tried to connect")
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every name lookup or connection this process tries, refused and recorded (the code under test
+    may swallow the refusal; the record stays)."""
+    attempts = []
+
+    def refuse(what):
+        def attempt(*args, **kwargs):
+            attempts.append((what, args))
+            raise ConnectionRefusedError(f"no network in this test ({what})")
+        return attempt
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    return attempts
+
+
+def test_auto_is_offline_without_credentials_and_online_with_a_key_without_touching_the_network(
+        monkeypatch, network_attempts):
     assert wandb_mode(WandbMode.auto) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode(WandbMode.auto) == "online"
+    assert network_attempts == []
+
+
+def test_auto_is_online_with_a_key_in_netrc(isolated_wandb, network_attempts):
+    netrc = isolated_wandb / ".netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'y' * 40}\n")
+    netrc.chmod(0o600)
+    assert wandb_mode(WandbMode.auto) == "online"
+    assert network_attempts == []
 
 
 def test_wandb_mode_from_the_environment_wins(monkeypatch):
@@ -106,12 +143,44 @@ def test_online_start_that_fails_continues_offline(make_cfg, tmp_path, monkeypat
     assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
 
 
-@pytest.mark.parametrize("signum,exit_code", [(signal.SIGTERM, 0), (signal.SIGINT, 1)])
-def test_the_run_is_finished_on_a_stop_and_on_an_exception(data_root, tmp_path, signum, exit_code):
-    args = ["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}", "wandb.mode=offline",
-            "data.train_samples=4096", "trainer.epochs=2"]
-    process = start_and_wait_for_checkpoint(args, tmp_path, step=16)
-    process.send_signal(signum)
-    output, _ = process.communicate(timeout=120)
-    [run] = offline_runs(tmp_path)
-    assert run["complete"] and run["exit_code"] == exit_code, output[-2000:]
+@contextmanager
+def during_step(step: int, action):
+    """Run `action()` inside the forward pass of training step `step` (counted from 1 in this process)."""
+    forwards = itertools.count(1)
+
+    def hook(module, inputs, output):
+        if isinstance(module, AddNet) and module.training and next(forwards) == step:
+            action()
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_stop_signal_checkpoints_that_step_and_finishes_the_run(make_cfg, tmp_path):
+    unhandled = []  # SIGTERMs that reached the test's own handler: training did not take them
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: unhandled.append(signum))
+    try:
+        with during_step(6, lambda: os.kill(os.getpid(), signal.SIGTERM)):
+            summary = train(make_cfg("wandb.mode=offline"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert unhandled == [] and summary["status"] == "stopped" and summary["step"] == 6, summary
+    saved = Path(summary["checkpoint"])
+    assert saved == tmp_path / "run/checkpoints/step-00000006.pt"
+    assert checkpoint.load(saved)[checkpoint.PROGRESS]["step"] == 6
+    [run] = offline_runs(tmp_path / "run")
+    assert run["complete"] and run["exit_code"] == 0
+    assert sorted(scalar_rows(run)) == [4]  # logged up to the stop; nothing after it
+
+
+def test_an_exception_finishes_the_run_as_failed(make_cfg, tmp_path):
+    def fail():
+        raise RuntimeError("out of memory, say")
+
+    with during_step(6, fail), pytest.raises(RuntimeError, match="out of memory"):
+        train(make_cfg("wandb.mode=offline"))
+    [run] = offline_runs(tmp_path / "run")
+    assert run["complete"] and run["exit_code"] == 1
