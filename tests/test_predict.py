@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import run_module
-from mnist_add.data import STD, MNISTAdd
+from mnist_add.data import MEAN, STD, MNISTAdd
 from mnist_add.evaluate import load_model
 from mnist_add.predict import main, predict, prepare_image
 from mnist_add.train import train
@@ -45,11 +45,20 @@ def original(mnist_test: MNISTAdd, index: int) -> torch.Tensor:
     return mnist_test[index][0][None]
 
 
+def longest_ink_side(image: torch.Tensor) -> int:
+    """The longer side of the box around the ink of a normalised [1, 1, 28, 28] digit, in pixels."""
+    rows, cols = torch.nonzero(image[0, 0] * STD + MEAN > 0.1, as_tuple=True)
+    return max(int(rows.max() - rows.min()), int(cols.max() - cols.min())) + 1
+
+
 def test_prepare_image_turns_a_rerendered_digit_back_into_its_mnist_form(mnist_test):
     differences = []
     for index in range(NUM_IMAGES):
         prepared = prepare_image(render(mnist_test.data[index], dark_on_light=False))
         assert prepared.shape == (1, 1, 28, 28)
+        # MNIST fitted every digit into a 20x20 box: a box 10% off makes every digit 2 pixels off.
+        sides = longest_ink_side(prepared), longest_ink_side(original(mnist_test, index))
+        assert sides == (20, 20), (index, sides)
         differences.append(float(((prepared - original(mnist_test, index)) * STD).abs().mean()))
     # Mean pixel differences in [0, 1] grey levels: shifting an MNIST digit by one pixel costs ~0.065.
     assert max(differences) < 0.1 and sum(differences) / NUM_IMAGES < 0.05, differences
