@@ -1,4 +1,4 @@
-"""Time to 99% test sum accuracy of the default config (the test set is scored after every epoch).
+"""Time to 99% and 99.6% test sum accuracy of the default config (the test set is scored after every epoch).
 
     python bench/time_to_accuracy.py [--data-root ../shared/data] [--run-dir DIR] [key=value ...]
 
@@ -12,7 +12,7 @@ from mnist_add.config import load_config
 from mnist_add.tracking import read_metrics
 from mnist_add.train import train
 
-TARGET = 0.99
+TARGETS = (0.99, 0.996)
 
 
 def main() -> None:
@@ -29,9 +29,10 @@ def main() -> None:
         evaluations = [r for r in read_metrics(run_dir) if "val/acc_sum" in r]
     for r in evaluations:
         print(f"epoch {r['epoch']}: {r['time_s']:7.1f} s  test sum accuracy {r['val/acc_sum']:.4f}")
-    reached = next((r for r in evaluations if r["val/acc_sum"] >= TARGET), None)
-    print(f"time to {TARGET:.0%} test sum accuracy: " +
-          (f"{reached['time_s']:.1f} s (epoch {reached['epoch']})" if reached else "not reached"))
+    for target in TARGETS:
+        reached = next((r for r in evaluations if r["val/acc_sum"] >= target), None)
+        print(f"time to {target:.1%} test sum accuracy: " +
+              (f"{reached['time_s']:.1f} s (epoch {reached['epoch']})" if reached else "not reached"))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,10 @@ class TrainerConfig:
     save_every_steps: int = ranged(0, ge=0)  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     keep_checkpoints: int = ranged(2, ge=1)  # newest step checkpoints kept; best.pt is kept apart
     log_every_steps: int = ranged(50, ge=1)
+    agree_every_steps: int = ranged(16, ge=1)  # ranks agree on stop signals and divergence this often (and at
+    # every log, save and evaluation); the steps between read nothing from the GPU, so it never idles
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
+    compile: bool = False  # torch.compile the model (after the DDP wrap) for training and evaluation
     max_steps: int = ranged(0, ge=0)  # stop after this many steps in total (0: run all epochs); for tests and benches
 
 

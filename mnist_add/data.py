@@ -36,6 +36,18 @@ class Batch(NamedTuple):
     addends: torch.Tensor  # [B] int64, 0..9
     sums: torch.Tensor  # [B] int64, 0..18
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(to_device(t, device) for t in self))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from the host through pinned memory, so that the copy does not wait for the GPU."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
 
 class MNISTAdd(MNIST):
     """MNIST images with a deterministic addend: item `i` is `(image, digit, addend, sum)`.
@@ -211,7 +223,9 @@ class GlobalBatchSampler(DistributedSampler):
         self.start_step = step
 
     def __iter__(self):
+        """Index tensors on the dataset's device: moved there once an epoch, not once a step."""
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.to(self.dataset.data.device)
         first = self.rank * self.batch_size_per_rank
         for step in range(self.start_step, self.steps_per_epoch):
             global_batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]

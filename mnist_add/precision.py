@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -22,6 +23,18 @@ class Autocast:
 
     def __call__(self) -> AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else nullcontext()
+
+
+def configure_kernels(deterministic: bool) -> None:
+    """Deterministic kernels for bitwise-reproducible runs, else the fastest: cuDNN's autotuner, and TF32
+    for float32 matmuls on CUDA (the CPU keeps full float32). cuBLAS is deterministic only with
+    CUBLAS_WORKSPACE_CONFIG set before its first use, so it is set here, before any CUDA work."""
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def resolve(precision: Precision, device: torch.device) -> Precision:

@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,13 +22,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnist_add import checkpoint, distributed
+from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, DataConfig, OptimConfig, parse_args, to_dict
-from mnist_add.data import Augment, Batch, DatasetError, GlobalBatchSampler, MNISTAdd
+from mnist_add.data import Augment, Batch, DatasetError, GlobalBatchSampler, MNISTAdd, to_device
 from mnist_add.distributed import Runtime, StopSignals
 from mnist_add.evaluate import evaluate
 from mnist_add.model import Criterion, build_model
-from mnist_add.precision import Autocast, build_precision
+from mnist_add.precision import Autocast, build_precision, configure_kernels
 from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
                               write_config, write_summary)
 from mnist_add.tracking import build_tracker
@@ -64,8 +64,9 @@ class Progress:
 class Learner:
     """The model and what updates it: one object to step, checkpoint and restore."""
 
-    model: torch.nn.Module  # unwrapped: what is saved and evaluated
-    ddp_model: torch.nn.Module  # what is trained: DDP-wrapped when distributed
+    model: torch.nn.Module  # unwrapped: what is saved (no `_orig_mod.` of torch.compile in its keys)
+    ddp_model: torch.nn.Module  # what is trained: DDP-wrapped when distributed, compiled with trainer.compile
+    eval_model: torch.nn.Module  # what evaluates: the model, compiled with trainer.compile
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -84,7 +85,7 @@ class Learner:
         self.scheduler.step()
         n = len(batch.digits)
         right = [(o.argmax(1) == y).sum() for o, y in zip(outputs, (batch.digits, batch.sums))]
-        count = torch.tensor(n, device=loss.device)  # on the GPU with the rest: no host sync per step
+        count = loss.new_full((), n)  # filled on the device: no copy from the host, no sync
         return torch.stack([loss * n, loss_digit * n, loss_sum * n, *right, count]).detach().double()
 
     def state_dict(self) -> dict:
@@ -107,7 +108,7 @@ def train(cfg: DictConfig) -> dict:
     """
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    torch.use_deterministic_algorithms(cfg.trainer.deterministic)
+    configure_kernels(cfg.trainer.deterministic)
     runtime = distributed.setup(cfg.dist)
     lock = RunDirLock(Path(cfg.run.dir))
     try:
@@ -160,7 +161,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     tracker = build_tracker(cfg, runtime.is_main, run_id)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
-    window = StepWindow(runtime.device)
+    window, agreement = StepWindow(runtime.device), Agreement(runtime.device)
     result = None  # the latest test evaluation
 
     def save(best: bool = False) -> Path:
@@ -176,18 +177,21 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                 sampler.set_epoch(progress.epoch)
                 sampler.set_start_step(progress.step_in_epoch)
                 for indices in sampler:
-                    # One step on this rank's share of the global batch.
-                    batch = train_set.batch(indices)
+                    # One step on this rank's share of the global batch; nothing here waits for the device.
+                    batch = train_set.batch(indices).to(runtime.device)
                     stats = learner.step(batch)
                     window.add(stats)
                     progress.step += 1
                     progress.step_in_epoch += 1
-                    verdict = agree_on_step(progress, indices, batch.addends, signals, stats[0])
+                    agreement.add(progress.step, to_device(indices, runtime.device), batch.addends, loss=stats[0])
                     bar.update()
+                    if not should_agree(progress, cfg, sampler.steps_per_epoch):
+                        continue
 
                     # Diverge, log, stop on a signal, checkpoint: decisions every rank takes together.
-                    if verdict.diverged:
-                        raise DivergenceError(divergence_message(cfg, progress, checkpointer))
+                    verdict = agreement.agree(progress, signals)
+                    if verdict.diverged_at:
+                        raise DivergenceError(divergence_message(cfg, verdict.diverged_at, checkpointer))
                     if should_log(progress, cfg):
                         metrics = window.flush(learner.scheduler.get_last_lr()[0],
                                                progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
@@ -241,9 +245,11 @@ def build_learner(cfg: DictConfig, runtime: Runtime, total_steps: int) -> Learne
     model = build_model(cfg.model).to(runtime.device)
     ddp_model = DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None) \
         if runtime.is_distributed else model
+    # torch.compile after the DDP wrap, as torch's DDP notes advise: DDP then splits the graph at its buckets.
+    ddp_model, eval_model = (torch.compile(ddp_model), torch.compile(model)) if cfg.trainer.compile else (ddp_model, model)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     autocast, scaler = build_precision(cfg.trainer.precision, runtime.device)
-    return Learner(model, ddp_model, optimizer, scheduler, scaler, autocast,
+    return Learner(model, ddp_model, eval_model, optimizer, scheduler, scaler, autocast,
                    Criterion(cfg.loss, cfg.model.sum_head))
 
 
@@ -310,31 +316,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StepVerdict(NamedTuple):
-    stop_reasons: list[str]  # why ranks were asked to stop (empty: go on)
-    diverged: bool  # some rank's loss was not finite
-
-
-def agree_on_step(progress: Progress, indices: torch.Tensor, addends: torch.Tensor, signals: StopSignals,
-                  loss: torch.Tensor) -> StepVerdict:
-    """The one collective of a step: adds this step to the data fingerprint, and tells every rank whether
-    any rank must stop (and why) or saw its loss diverge."""
-    votes = torch.tensor(signals.vote(), device=addends.device)
-    step_sum, diverged, *counts = distributed.all_reduce_sum(torch.cat([
-        fingerprint_share(progress.step, indices, addends).view(1), (~loss.isfinite()).long().view(1), votes,
-    ])).tolist()
-    progress.fingerprint = (progress.fingerprint + step_sum) % (1 << 61)
-    return StepVerdict([reason for reason, count in zip(signals.reasons, counts) if count], diverged > 0)
-
-
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or weights; nothing from then on was saved."""
 
 
-def divergence_message(cfg: DictConfig, progress: Progress, checkpointer: Checkpointer, what: str = "loss") -> str:
+def divergence_message(cfg: DictConfig, step: int, checkpointer: Checkpointer, what: str = "loss") -> str:
     saved = checkpointer.step_paths()
     last = f"the last good checkpoint is {saved[0]}" if saved else "no checkpoint was saved before it"
-    return (f"training diverged: the {what} was not finite at step {progress.step}; nothing from it on was saved "
+    return (f"training diverged: the {what} was not finite at step {step}; nothing from it on was saved "
             f"and {last}. Lower optim.lr (now {cfg.optim.lr}) and train into a new run.dir")
 
 
@@ -345,13 +334,7 @@ def check_weights_finite(cfg: DictConfig, model: torch.nn.Module, progress: Prog
     statistics are rank 0's once broadcast for evaluation), so every rank decides alike."""
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
     if not torch.stack([t.isfinite().all() for t in tensors]).all():
-        raise DivergenceError(divergence_message(cfg, progress, checkpointer, what="weights"))
-
-
-def fingerprint_share(step: int, indices: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
-    """This rank's part of an order-sensitive checksum of the (index, addend) pairs trained on: summed over
-    ranks and steps, equal runs on any world size have equal fingerprints."""
-    return (step * (indices.to(addends.device) * 10 + addends)).sum()
+        raise DivergenceError(divergence_message(cfg, progress.step, checkpointer, what="weights"))
 
 
 class StepWindow:
@@ -378,6 +361,14 @@ def finished(progress: Progress, cfg: DictConfig) -> bool:
     return progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step
 
 
+def should_agree(progress: Progress, cfg: DictConfig, steps_per_epoch: int) -> bool:
+    """Whether the ranks agree on stopping and divergence after this step: every agree_every_steps, and at
+    every step that reads the device anyway (log, save, the epoch's end and evaluation, the last step)."""
+    return (progress.step % cfg.trainer.agree_every_steps == 0 or should_log(progress, cfg)
+            or should_save_mid_epoch(progress, cfg, steps_per_epoch)
+            or progress.step_in_epoch == steps_per_epoch or finished(progress, cfg))
+
+
 def should_log(progress: Progress, cfg: DictConfig) -> bool:
     return progress.step % cfg.trainer.log_every_steps == 0
 
@@ -401,7 +392,7 @@ def evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress):
     if runtime.is_distributed:  # BatchNorm statistics: evaluate and save rank 0's on every rank
         for buffer in learner.model.buffers():
             torch.distributed.broadcast(buffer, 0)
-    result = evaluate(learner.model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
+    result = evaluate(learner.eval_model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
                       learner.autocast)
     metrics = result.metrics()
     tracker.log({**metrics, "epoch": progress.epoch}, progress.step)

@@ -14,17 +14,18 @@ import torch
 
 from conftest import REPO, newest_step, run_module, subprocess_env, torchrun, wait_until
 from mnist_add import checkpoint
+from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer
 from mnist_add.config import load_config
 from mnist_add.data import GlobalBatchSampler, MNISTAdd
 from mnist_add.distributed import StopSignals
-from mnist_add.train import Progress, agree_on_step
+from mnist_add.train import Progress
 from wandb_records import offline_runs
 
 # 64 steps on 2 ranks. With HOLD_AT=N in its environment a job holds after its checkpoint at step N until
 # a rank is asked to stop (tests/hooks/sitecustomize.py): preempted or requeued there, whatever the speed.
 LONG = ("--config", "debug", "data.train_samples=1024", "trainer.epochs=2", "trainer.save_every_steps=8",
-        "trainer.log_every_steps=8", "trainer.deterministic=true", "trainer.num_threads=1")
+        "trainer.log_every_steps=4", "trainer.deterministic=true", "trainer.num_threads=1")
 HOLD_AT = {"MNIST_ADD_TEST_HOLD_AT": "16"}
 
 
@@ -115,12 +116,14 @@ def expected_fingerprint(data_root, *overrides) -> int:
     cfg = load_config(["debug"], [f"data.root={data_root}", *overrides])
     dataset = MNISTAdd(data_root, train=True, seed=cfg.trainer.seed, num_samples=cfg.data.train_samples)
     sampler, progress = GlobalBatchSampler(dataset, cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), Progress()
+    agreement = Agreement(torch.device("cpu"))
     for epoch in range(cfg.trainer.epochs):
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         for indices in sampler:
             progress.step += 1
-            agree_on_step(progress, indices, dataset.addends()[indices], StopSignals(), loss=torch.zeros(()))
+            agreement.add(progress.step, indices, dataset.addends()[indices], loss=torch.zeros(()))
+    agreement.agree(progress, StopSignals())
     return progress.fingerprint
 
 
@@ -136,7 +139,7 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(slurm_cluste
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
     assert summary(tmp_path)["fingerprint"] == expected_fingerprint(data_root, *LONG[2:])
     log = "".join(p.read_text() for p in tmp_path.glob("submitit/*/*_0_log.err"))
-    assert "stopping on SIGUSR2 at step 9" in log and "this job is timed-out" in log
+    assert "stopping on SIGUSR2 at step 12" in log and "this job is timed-out" in log
 
 
 def test_sbatch_script_survives_scontrol_requeue(reference, data_root, tmp_path):

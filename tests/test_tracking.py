@@ -164,7 +164,7 @@ def test_a_stop_signal_checkpoints_that_step_and_finishes_the_run(make_cfg, tmp_
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: unhandled.append(signum))
     try:
         with during_step(6, lambda: os.kill(os.getpid(), signal.SIGTERM)):
-            summary = train(make_cfg("wandb.mode=offline"))
+            summary = train(make_cfg("wandb.mode=offline", "trainer.agree_every_steps=1"))  # agree every step
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert unhandled == [] and summary["status"] == "stopped" and summary["step"] == 6, summary

@@ -10,8 +10,8 @@ from conftest import run_module
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.rundir import RunDirError
-from mnist_add.train import (DivergenceError, Progress, agree_on_step, build_learner, check_weights_finite, main,
-                             train)
+from mnist_add.agreement import Agreement
+from mnist_add.train import DivergenceError, Progress, build_learner, check_weights_finite, main, train
 from mnist_add.tracking import read_metrics
 
 EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpoints=100")
@@ -172,8 +172,9 @@ def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
     stats = learner.step(batch)
     assert learner.scaler.get_scale() == 2.0 ** 119  # it skipped, and backed off
     assert all(torch.equal(before[k], v) for k, v in learner.model.named_parameters())
-    verdict = agree_on_step(Progress(step=1), indices, batch.addends, StopSignals(), stats[0])
-    assert not verdict.diverged and verdict.stop_reasons == []
+    agreement = Agreement(torch.device("cpu"))
+    agreement.add(1, indices, batch.addends, loss=stats[0])
+    assert agreement.agree(Progress(), StopSignals()) == ([], None)
 
 
 @pytest.mark.parametrize("key,other", [("trainer.seed", 1), ("trainer.batch_size", 64), ("trainer.epochs", 2),
@@ -194,3 +195,21 @@ def test_best_pt_holds_the_evaluation_with_the_highest_sum_accuracy_across_resum
     saved = checkpoint.load(tmp_path / "run/checkpoints/best.pt")
     assert saved[checkpoint.PROGRESS]["step"] == best["step"]
     assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["val/acc_sum"]
+
+
+def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path, monkeypatch):
+    # The "eager" backend traces with dynamo as any backend does, but skips code generation, which takes
+    # minutes on two CPU cores; inductor's own numerics are measured by bench/compile_and_precision.py.
+    real_compile = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or real_compile(model, backend="eager"))
+    eager = train(make_cfg("trainer.max_steps=12", run_dir=tmp_path / "eager"))
+    train(make_cfg("trainer.compile=true", "trainer.max_steps=6", run_dir=tmp_path / "compiled"))
+    resumed = train(make_cfg("trainer.compile=true", "trainer.max_steps=12", run_dir=tmp_path / "compiled"))
+    assert len(compiled) == 4  # the training and the evaluation model, in both segments
+    assert resumed["resumed_from"].endswith("step-00000006.pt")
+    assert resumed["test"] == pytest.approx(eager["test"], abs=1e-6)
+    saved = checkpoint.load(tmp_path / "compiled/checkpoints/step-00000012.pt")[checkpoint.MODEL]
+    assert not [key for key in saved if "_orig_mod" in key]
+    assert all(torch.allclose(tensor, weights(tmp_path / "eager", "step-00000012.pt")[key], atol=1e-6)
+               for key, tensor in saved.items())
