@@ -1,4 +1,5 @@
-"""Where this process sits in the job: launcher environment, process group, stop signals, collectives.
+"""Where this process sits in the job: launcher environment, process group, stop signals, collectives,
+and what a failed collective means.
 
 The only module that reads launcher variables (torchrun's, SLURM's); the rest of the code sees a
 frozen `Runtime`.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -111,6 +113,53 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# What gloo and NCCL (torch 2.14) say when a peer rank hangs or dies in the middle of a collective. gloo raises a
+# plain RuntimeError in the waiting rank; NCCL a DistBackendError, or (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) its
+# watchdog logs the timeout and ends the process itself.
+_HUNG = (re.compile(r"Timed out waiting (?P<ms>\d+)ms for (?P<op>recv|send) operation"),  # gloo
+         re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(.*?OpType=(?P<op>\w+).*?"
+                    r"Timeout\(ms\)=(?P<ms>\d+)"),  # NCCL
+         re.compile(r"Application timeout caused pair closure"))  # gloo, a collective after a timed-out one
+_DIED = (re.compile(r"(?:Connection closed by peer|Read error|Write error) \[(?P<addr>[^\]]+)\]:(?P<port>\d+)"),  # gloo
+         re.compile(r"Connection reset by peer|Broken pipe|failed to recv, got 0 bytes"),  # gloo, the TCPStore
+         re.compile(r"NCCL communicator was aborted|remote process exited or there was a network error"))  # NCCL
+_RESUME = ("relaunch the same command to resume from the last checkpoint (torchrun --max-restarts=N or a "
+           "SLURM requeue does it by itself)")
+
+
+def explain_collective_failure(err: BaseException, env=os.environ) -> str | None:
+    """One line for a collective that failed because a peer rank hung or died, or None for any other error.
+
+    Says which rank gave up, on what, after how long (dist.timeout_s bounds it), who the peer was when it can
+    be known (with two ranks, the other one), and what to do.
+    """
+    text = " ".join(str(e) for e in _exception_chain(err))
+    rank, _, world_size = launcher_ranks(env)
+    me = f"rank {rank} of {world_size}"
+    peer = f"rank {1 - rank}" if world_size == 2 else "a peer rank"
+    for pattern in _HUNG:
+        if found := pattern.search(text):
+            what = f" ({found['op'].lower()}) after {int(found['ms']) / 1000:g} s" if found.groupdict() else ""
+            return (f"{me} gave up on a collective{what} waiting for {peer}, which stopped responding "
+                    f"(hung, stopped, or its node is gone; dist.timeout_s bounds this wait): look at that "
+                    f"rank's log and node, then {_RESUME}")
+    for pattern in _DIED:
+        if found := pattern.search(text):
+            where = f" at {found['addr']}:{found['port']}" if found.groupdict() else ""
+            return (f"{me} lost {peer}{where} in the middle of a collective: that rank died (crashed, killed, out "
+                    f"of memory, or its node failed); its log or the launcher's says why. Then {_RESUME}")
+    return None
+
+
+def _exception_chain(err: BaseException):
+    """The error and the errors it was raised from or during, each once."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def stop_signals(env=os.environ) -> tuple[signal.Signals, ...]:
