@@ -12,6 +12,7 @@ resumes from the run directory and continues the same W&B run.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 import submitit
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged
@@ -63,6 +65,15 @@ def training_config(cfg: DictConfig) -> DictConfig:
     return train_cfg
 
 
+def nccl_failure_env(run_dir: str) -> dict[str, str]:
+    """NCCL settings under which a rank whose peer hangs or dies ends after dist.timeout_s (the watchdog tears the
+    process down) and first dumps its flight recorder into run_dir/nccl-trace/rank_N (`torchfrtrace` reads them).
+    Also in slurm/train.sbatch; no effect on gloo."""
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(run_dir) / "nccl-trace" / "rank_")}
+
+
 class Trainer(submitit.helpers.Checkpointable):
     """What every task runs: a picklable holder of the config around the same `train(cfg)`.
 
@@ -77,6 +88,10 @@ class Trainer(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        for name, value in nccl_failure_env(self.cfg.run.dir).items():
+            os.environ.setdefault(name, value)  # before the process group exists; the user's own settings win
+        if torch.cuda.is_available():
+            Path(os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
         setup_logging(env.rank)
         summary = train(self.cfg)
         preempt_signal = submitit.JobEnvironment._usr_sig()
