@@ -102,10 +102,16 @@ def test_a_preempted_two_node_job_requeues_resumes_and_ends_bitwise_equal(two_no
     states = wait_for_job_end(job)
     assert states[0] in ("PREEMPTED", "REQUEUED") and states[-1] == "COMPLETED", states
     assert sacct_states(urgent)[-1] == "COMPLETED"
-    log = job_log(tmp_path, job)
-    assert "stopping on SIGUSR2 at step 17" in log and "requeueing job" in log, log[-3000:]
-    assert summary(tmp_path / "run")["resumed_from"].endswith("step-00000017.pt")
+    step = the_one_stop(job_log(tmp_path, job), "SIGUSR2")  # preempt_send_user_signal: the job's --signal
+    assert summary(tmp_path / "run")["resumed_from"].endswith(f"step-{step:08d}.pt")
     assert_same_run(tmp_path / "run", reference)
+
+
+def the_one_stop(log: str, signame: str) -> int:
+    """The step of the job's one stop on that signal: at an agreement step after the hold, then requeued."""
+    stops = [int(step) for step in re.findall(rf"stopping on {signame} at step (\d+)", log)]
+    assert len(stops) == 1 and stops[0] > 16 and "requeueing job" in log, log[-3000:]
+    return stops[0]
 
 
 def test_a_job_that_loses_a_node_is_requeued_and_resumes_bitwise_equal_once_the_node_is_back(
@@ -196,10 +202,8 @@ def test_torchrun_per_node_under_srun_forwards_usr2_checkpoints_and_the_job_resu
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     states = wait_for_job_end(job)
     assert states == ["REQUEUED", "COMPLETED"], states  # requeued by the script: the agents' error file said why
-    log = job_log(tmp_path, job)
-    stops = re.findall(r"stopping on SIGUSR2 at step (\d+)", log)  # one checkpoint, at a step boundary after the hold
-    assert len(stops) == 1 and int(stops[0]) > 16 and "requeueing job" in log, log[-3000:]
-    assert summary(tmp_path / "run")["resumed_from"].endswith(f"step-{int(stops[0]):08d}.pt")
+    step = the_one_stop(job_log(tmp_path, job), "SIGUSR2")
+    assert summary(tmp_path / "run")["resumed_from"].endswith(f"step-{step:08d}.pt")
     assert_same_run(tmp_path / "run", reference)
 
 
