@@ -26,11 +26,11 @@ def main() -> None:
         if not args.run_dir:
             train(load_config([], [f"data.root={args.data_root}", f"run.dir={run_dir}", "wandb.mode=disabled",
                                    *args.overrides]))
-        evaluations = [r for r in read_metrics(run_dir) if "val/acc_sum" in r]
+        evaluations = [r for r in read_metrics(run_dir) if "test/acc_sum" in r]
     for r in evaluations:
-        print(f"epoch {r['epoch']}: {r['time_s']:7.1f} s  test sum accuracy {r['val/acc_sum']:.4f}")
+        print(f"epoch {r['epoch']}: {r['time_s']:7.1f} s  test sum accuracy {r['test/acc_sum']:.4f}")
     for target in TARGETS:
-        reached = next((r for r in evaluations if r["val/acc_sum"] >= target), None)
+        reached = next((r for r in evaluations if r["test/acc_sum"] >= target), None)
         print(f"time to {target:.1%} test sum accuracy: " +
               (f"{reached['time_s']:.1f} s (epoch {reached['epoch']})" if reached else "not reached"))
 

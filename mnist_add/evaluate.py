@@ -35,7 +35,7 @@ class Evaluation:
     sum_confusion: torch.Tensor  # [19, 19] int64: true sum x predicted sum
     both_correct: int
 
-    def metrics(self, prefix: str = "val/") -> dict[str, float]:
+    def metrics(self, prefix: str = "test/") -> dict[str, float]:
         digits_right = int(self.digit_confusion.trace())
         sums_right = int(self.sum_confusion.trace())
         return {
@@ -74,7 +74,7 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
     both = torch.zeros(1, dtype=torch.int64, device=device)
     with torch.no_grad():  # not a decorator: mutmut leaves decorated functions alone
         for batch in range(runtime.rank, len(batches), runtime.world_size):
-            images, digits, addends, sums = _pairs(dataset, batches[batch], exhaustive)
+            images, digits, addends, sums = _pairs(dataset, batches[batch], exhaustive, device)
             with autocast():
                 outputs = model(images, addends)
             losses[:, batch] = torch.stack(task_losses(outputs, digits, sums, sum_loss, reduction="sum")).double()
@@ -91,9 +91,9 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
                       sum_confusion.view(NUM_SUMS, NUM_SUMS).cpu(), int(both))
 
 
-def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool):
-    """The batch at `indices`; with `exhaustive`, each image repeated with addends 0..9."""
-    images, digits, addends, sums = dataset.batch(indices)
+def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool, device: torch.device):
+    """The batch at `indices`, on `device`; with `exhaustive`, each image repeated with addends 0..9."""
+    images, digits, addends, sums = dataset.batch(indices).to(device)
     if not exhaustive:
         return images, digits, addends, sums
     addends = torch.arange(NUM_ADDENDS, device=digits.device).repeat(len(digits))
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime = distributed.setup(DistConfig())
     try:
         model, cfg = load_model(args.checkpoint, runtime.device)
+        if cfg.trainer.compile:  # evaluate as the run did
+            model = torch.compile(model)
         test_set = MNISTAdd(args.data_root or cfg.data.root, train=False, download=False).to(runtime.device)
         result = evaluate(model, test_set, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
     except (checkpoint.CheckpointError, DatasetError) as err:

@@ -34,7 +34,7 @@ from mnist_add.tracking import METRICS_NAME, read_metrics
 
 TASKS = ("digit", "sum")
 NUM_CLASSES = {"digit": NUM_DIGITS, "sum": NUM_SUMS}
-SPLITS = {"train": "train/", "test": "val/"}  # metrics.jsonl key prefix of each split: the evaluation is the test set
+SPLITS = {"train": "train/", "test": "test/"}  # metrics.jsonl key prefix of each split: the evaluation is the test set
 CONFIG_NAME = "config.yaml"  # the run's resolved config, beside metrics.jsonl
 MAX_SHOWN = 32  # misclassified test images in the grid: enough to see patterns, few enough to read
 GRID_COLUMNS = 8

@@ -107,7 +107,7 @@ class Tracker:
             import wandb
             rows = [[task, label, accuracy] for task, accuracies in per_class.items()
                     for label, accuracy in enumerate(accuracies)]
-            self.wandb_run.log({"val/per_class": wandb.Table(columns=["task", "class", "accuracy"], data=rows)},
+            self.wandb_run.log({"test/per_class": wandb.Table(columns=["task", "class", "accuracy"], data=rows)},
                                step=step)
 
     def finish(self, exit_code: int = 0) -> None:
@@ -195,7 +195,7 @@ def open_wandb_run(cfg: DictConfig, run_id: str | None):
                     str(err).splitlines()[0])
         wandb.teardown()  # the failed attempt still holds the run id in this process
         mode, run = "offline", wandb.init(mode="offline", **kwargs)
-    for key in ("val/acc_digit", "val/acc_sum", "val/acc_both", "val/acc_sum_given_digit"):
+    for key in ("test/acc_digit", "test/acc_sum", "test/acc_both", "test/acc_sum_given_digit"):
         run.define_metric(key, summary="max")
     if mode == "offline":
         log.info("W&B run %s is offline in %s; upload with: wandb sync %s", run.id, run.settings.sync_dir,

@@ -210,7 +210,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                     progress.step_in_epoch = 0
                 check_weights_finite(cfg, learner.model, progress, checkpointer)
                 result = evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress)
-                acc_sum = result.metrics()["val/acc_sum"]
+                acc_sum = result.metrics()["test/acc_sum"]
                 best = acc_sum > progress.best_acc_sum
                 progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
                 save(best=best)
@@ -398,7 +398,7 @@ def evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress):
     tracker.log({**metrics, "epoch": progress.epoch}, progress.step)
     if runtime.is_main:
         log.info("step %d epoch %d: test digit %.4f sum %.4f both %.4f", progress.step, progress.epoch,
-                 metrics["val/acc_digit"], metrics["val/acc_sum"], metrics["val/acc_both"])
+                 metrics["test/acc_digit"], metrics["test/acc_sum"], metrics["test/acc_both"])
     return result
 
 

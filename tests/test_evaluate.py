@@ -122,5 +122,5 @@ def test_losses_are_the_mean_cross_entropy_over_the_pairs(model, data_root, exha
     digits = batch.digits.repeat(copies)
     with torch.no_grad():
         digit_logits, sum_logits = model(batch.images.repeat(copies, 1, 1, 1), addends)
-    assert metrics["val/loss_digit"] == pytest.approx(F.cross_entropy(digit_logits, digits).item(), rel=1e-6)
-    assert metrics["val/loss_sum"] == pytest.approx(F.cross_entropy(sum_logits, digits + addends).item(), rel=1e-6)
+    assert metrics["test/loss_digit"] == pytest.approx(F.cross_entropy(digit_logits, digits).item(), rel=1e-6)
+    assert metrics["test/loss_sum"] == pytest.approx(F.cross_entropy(sum_logits, digits + addends).item(), rel=1e-6)

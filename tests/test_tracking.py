@@ -25,7 +25,7 @@ EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpo
 
 def scalar_rows(run):
     """History rows as {step: {key: value}}, the per-class table left out."""
-    skip = STEP_KEYS | {"val/per_class"}
+    skip = STEP_KEYS | {"test/per_class"}
     return {row["_step"]: {k: v for k, v in row.items() if k not in skip} for row in run["history"]
             if set(row) - skip}
 
@@ -45,11 +45,11 @@ def test_wandb_mirrors_metrics_jsonl_per_task(make_cfg, tmp_path):
     assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
     last = scalar_rows(run)[16]
     for key in ("train/loss_digit", "train/loss_sum", "train/loss", "train/acc_digit", "train/acc_sum",
-                "val/loss_digit", "val/loss_sum", "val/acc_digit", "val/acc_sum", "val/acc_both",
-                "val/acc_sum_given_digit", "lr", "samples_per_s", "epoch"):
+                "test/loss_digit", "test/loss_sum", "test/acc_digit", "test/acc_sum", "test/acc_both",
+                "test/acc_sum_given_digit", "lr", "samples_per_s", "epoch"):
         assert key in last, key
-    assert run["summary"]["val/acc_sum"]["max"] == last["val/acc_sum"]  # accuracies summarise as max
-    assert run["history"][-1]["val/per_class"]["_type"] == "table-file"  # the final per-class accuracy table
+    assert run["summary"]["test/acc_sum"]["max"] == last["test/acc_sum"]  # accuracies summarise as max
+    assert run["history"][-1]["test/per_class"]["_type"] == "table-file"  # the final per-class accuracy table
 
 
 def test_a_resumed_run_continues_the_same_run_id_and_steps(make_cfg, tmp_path):
@@ -83,7 +83,7 @@ def test_only_rank_zero_writes_metrics_and_creates_a_run(data_root, tmp_path, is
     assert run["exit_code"] == 0
     assert not list(isolated_wandb.rglob("offline-run-*"))  # no other rank wrote anywhere else
     # Each record once: training every 4 of the 16 steps, the evaluation at the end.
-    records = Counter((r["step"], "val/acc_sum" in r) for r in read_metrics(tmp_path / "run"))
+    records = Counter((r["step"], "test/acc_sum" in r) for r in read_metrics(tmp_path / "run"))
     assert records == {(4, False): 1, (8, False): 1, (12, False): 1, (16, False): 1, (16, True): 1}
     # And each is rank 0's: its timings equal those of the W&B run, which only rank 0 has.
     assert scalar_rows(run) == jsonl_rows(tmp_path / "run")

@@ -33,10 +33,10 @@ def test_debug_run_writes_config_metrics_checkpoints_and_summary(make_cfg, tmp_p
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "best.pt").is_file()
     records = read_metrics(run)
     assert [r["step"] for r in records if "train/loss" in r] == [4, 8, 12, 16]
-    evaluation = [r for r in records if "val/acc_sum" in r]
-    assert len(evaluation) == 1 and evaluation[0]["val/acc_sum"] == summary["test"]["acc_sum"]
-    assert {"val/loss_digit", "val/loss_sum", "val/acc_digit", "val/acc_both",
-            "val/acc_sum_given_digit"} <= set(evaluation[0])
+    evaluation = [r for r in records if "test/acc_sum" in r]
+    assert len(evaluation) == 1 and evaluation[0]["test/acc_sum"] == summary["test"]["acc_sum"]
+    assert {"test/loss_digit", "test/loss_sum", "test/acc_digit", "test/acc_both",
+            "test/acc_sum_given_digit"} <= set(evaluation[0])
 
 
 def test_resuming_from_a_mid_epoch_checkpoint_is_bitwise_exact(make_cfg, tmp_path):
@@ -189,12 +189,12 @@ def test_resuming_with_another_data_sequence_is_refused(make_cfg, key, other):
 def test_best_pt_holds_the_evaluation_with_the_highest_sum_accuracy_across_resumes(make_cfg, tmp_path):
     train(make_cfg("trainer.epochs=3", "trainer.max_steps=24"))  # stops mid-epoch 2, after one evaluation
     train(make_cfg("trainer.epochs=3"))
-    evaluations = [r for r in read_metrics(tmp_path / "run") if "val/acc_sum" in r]
+    evaluations = [r for r in read_metrics(tmp_path / "run") if "test/acc_sum" in r]
     assert [r["step"] for r in evaluations] == [16, 24, 32, 48]  # max_steps ends with an evaluation too
-    best = max(evaluations, key=lambda r: r["val/acc_sum"])
+    best = max(evaluations, key=lambda r: r["test/acc_sum"])
     saved = checkpoint.load(tmp_path / "run/checkpoints/best.pt")
     assert saved[checkpoint.PROGRESS]["step"] == best["step"]
-    assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["val/acc_sum"]
+    assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["test/acc_sum"]
 
 
 def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path, monkeypatch):
