@@ -1,0 +1,282 @@
+"""Compare runs across seeds: the members of sweeps (or single runs), grouped by what they compute.
+
+    python -m mnist_add.compare DIR [DIR ...] [--out DIR] [--json]
+
+Each DIR is a run directory (it holds config.yaml, summary.json, metrics.jsonl) or a sweep directory
+whose sub-folders are run directories. Members are grouped by every config key whose value differs
+between them, except the seed (trainer.seed) and keys that do not change what is computed
+(`mnist_add.rundir.OPERATIONAL_KEYS`). Per group it prints n and mean ± std (over seeds, sample std) of
+the test digit, sum and both accuracy of summary.json, and of the wall time: summary.json's
+`segment_wall_time_s`, the wall time of the segment that completed the run (the whole run unless it
+was resumed). Members without a completed summary.json are listed as running (a job holds the run
+directory's lock) or unfinished (failed, stopped or not started), and left out of the statistics.
+
+Writes into --out (default: the first DIR's compare/) and prints the paths written:
+    accuracy.png    per accuracy, each group's mean with a ± std error bar
+    curves.png      test sum accuracy over steps (metrics.jsonl), per group the mean with a ± std band over seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME
+from mnist_add.tracking import read_metrics
+
+SEED_KEY = "trainer.seed"
+ACCURACIES = ("acc_digit", "acc_sum", "acc_both")  # summary["test"] keys
+WALL_TIME = "wall_time_s"  # from summary["segment_wall_time_s"]
+STATISTICS = (*ACCURACIES, WALL_TIME)
+CURVE_METRIC = "test/acc_sum"
+RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, LOCK_NAME)  # any of them marks a run directory
+
+
+class CompareError(ValueError):
+    """The input holds nothing to compare; the message says what was expected."""
+
+
+@dataclass
+class Member:
+    """One run directory of a sweep: its config (flat keys), its state, and its results when completed."""
+    path: Path
+    config: dict[str, Any]
+    status: str  # completed, running, unfinished
+    results: dict[str, float] = field(default_factory=dict)  # STATISTICS keys, completed members only
+
+
+@dataclass
+class Group:
+    """The members that share the values of the keys that differ, and their statistics over seeds."""
+    values: dict[str, Any]
+    members: list[Member]
+
+    @property
+    def completed(self) -> list[Member]:
+        return [m for m in self.members if m.status == "completed"]
+
+    def stats(self) -> dict[str, dict[str, float | None]]:
+        return {name: mean_std([m.results[name] for m in self.completed]) for name in STATISTICS}
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation; None where there are too few values for it."""
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+# --- finding and reading members --------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def member_dirs(path: Path) -> list[Path]:
+    """The run directory itself, or the run directories directly inside a sweep directory."""
+    if is_run_dir(path):
+        return [path]
+    members = sorted(child for child in path.iterdir() if is_run_dir(child)) if path.is_dir() else []
+    if not members:
+        raise CompareError(f"{path} holds no run: expected a run directory (with {CONFIG_NAME} or {SUMMARY_NAME}) "
+                           f"or a sweep directory of them")
+    return members
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def is_running(path: Path) -> bool:
+    """Whether a job holds the run directory's lock now (mnist_add.rundir.RunDirLock)."""
+    lock = path / LOCK_NAME
+    if not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without flock: nothing to tell
+        return False
+    finally:
+        os.close(fd)
+
+
+def read_member(path: Path) -> Member:
+    config_path, summary_path = path / CONFIG_NAME, path / SUMMARY_NAME
+    config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if summary.get("status") == "completed":
+        results = {name: summary["test"][name] for name in ACCURACIES}
+        results[WALL_TIME] = summary["segment_wall_time_s"]
+        return Member(path, config, "completed", results)
+    return Member(path, config, "running" if is_running(path) else "unfinished")
+
+
+# --- grouping ---------------------------------------------------------------------------------------
+
+
+def compared_keys(members: list[Member]) -> list[str]:
+    """The config keys whose values differ between members, other than the seed and operational keys."""
+    configs = [m.config for m in members if m.config]
+    keys = sorted({key for config in configs for key in config})
+    return [key for key in keys if key != SEED_KEY and not key.startswith(OPERATIONAL_KEYS)
+            and len({repr(config.get(key)) for config in configs}) > 1]
+
+
+def group_members(members: list[Member]) -> tuple[list[str], list[Group]]:
+    """Members grouped by the values of the keys that differ, in order of first appearance."""
+    keys = compared_keys(members)
+    groups: dict[tuple, Group] = {}
+    for member in members:
+        values = {key: member.config.get(key) for key in keys}
+        groups.setdefault(tuple(repr(v) for v in values.values()), Group(values, [])).members.append(member)
+    return keys, list(groups.values())
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def to_json(keys: list[str], groups: list[Group], figures: list[Path]) -> dict:
+    return {"keys": keys,
+            "wall_time": "summary.json segment_wall_time_s: the segment that completed each run",
+            "groups": [{"values": group.values, "n": len(group.completed),
+                        "members": [str(m.path) for m in group.completed], **group.stats()} for group in groups],
+            "excluded": [{"dir": str(m.path), "status": m.status}
+                         for group in groups for m in group.members if m.status != "completed"],
+            "figures": [str(path) for path in figures]}
+
+
+def format_stat(stat: dict[str, float | None], scale: float, digits: int) -> str:
+    if stat["mean"] is None:
+        return "–"
+    std = "–" if stat["std"] is None else f"{scale * stat['std']:.{digits}f}"
+    return f"{scale * stat['mean']:.{digits}f} ± {std}"
+
+
+def format_table(keys: list[str], groups: list[Group]) -> str:
+    header = [*(keys or ["runs"]), "n", "digit %", "sum %", "both %", "wall time s"]
+    rows = []
+    for group in groups:
+        stats = group.stats()
+        rows.append([*([str(v) for v in group.values.values()] or ["all"]), str(len(group.completed)),
+                     *(format_stat(stats[name], 100, 2) for name in ACCURACIES),
+                     format_stat(stats[WALL_TIME], 1, 1)])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines += [f"{m.status}: {m.path} (left out)" for group in groups for m in group.members if m.status != "completed"]
+    return "\n".join(lines)
+
+
+def group_label(group: Group) -> str:
+    return ", ".join(f"{key.rpartition('.')[2]}={value}" for key, value in group.values.items()) or "all"
+
+
+def new_figure(cols: int, size: tuple[float, float]):
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(1, cols, squeeze=False)[0]
+
+
+def draw_accuracy(groups: list[Group]) -> Figure:
+    """One panel per accuracy: each group's mean over seeds with a ± std error bar (none for n < 2)."""
+    figure, axes = new_figure(len(ACCURACIES), (4 * len(ACCURACIES), 4))
+    shown = [group for group in groups if group.completed]
+    for ax, name in zip(axes, ACCURACIES):
+        for x, group in enumerate(shown):
+            stat = group.stats()[name]
+            ax.errorbar([x], [100 * stat["mean"]], yerr=[100 * (stat["std"] or 0)], fmt="o", capsize=4,
+                        label=f"{group_label(group)} (n={len(group.completed)})")
+        ax.set(title=f"test {name.removeprefix('acc_')} accuracy (%)", xticks=range(len(shown)),
+               xticklabels=[group_label(group) for group in shown])
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(True, axis="y", alpha=0.3)
+    return figure
+
+
+def curve_band(members: list[Member]) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, std) of the test sum accuracy over members, at the steps every member evaluated."""
+    curves = [{r["step"]: r[CURVE_METRIC] for r in read_metrics(m.path) if CURVE_METRIC in r}
+              for m in members if (m.path / METRICS_NAME).is_file()]
+    if not curves:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    stats = [mean_std([curve[step] for curve in curves]) for step in steps]
+    return steps, [s["mean"] for s in stats], [s["std"] or 0.0 for s in stats]
+
+
+def draw_curves(groups: list[Group]) -> Figure:
+    """Test sum accuracy over steps: per group the mean over seeds and a ± std band."""
+    figure, axes = new_figure(1, (7, 4.5))
+    ax = axes[0]
+    for index, group in enumerate(groups):
+        steps, mean, std = curve_band(group.completed)
+        if not steps:
+            continue
+        color = f"C{index % 10}"
+        ax.plot(steps, [100 * v for v in mean], "o-", color=color, markersize=3,
+                label=f"{group_label(group)} (n={len(group.completed)})")
+        ax.fill_between(steps, [100 * (m - s) for m, s in zip(mean, std)], [100 * (m + s) for m, s in zip(mean, std)],
+                        color=color, alpha=0.2)
+    ax.set(title="test sum accuracy (%), mean ± std over seeds", xlabel="step")
+    ax.grid(True, alpha=0.3)
+    if ax.has_data():
+        ax.legend()
+    return figure
+
+
+def write_figures(groups: list[Group], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, figure in (("accuracy.png", draw_accuracy(groups)), ("curves.png", draw_curves(groups))):
+        figure.savefig(out / name)
+        written.append(out / name)
+    return written
+
+
+def compare(dirs: list[Path]) -> tuple[list[str], list[Group]]:
+    members = [read_member(path) for directory in dirs for path in member_dirs(directory)]
+    return group_members(members)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep or run directories")
+    parser.add_argument("--out", type=Path, help="folder for the figures (default: the first DIR's compare/)")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    args = parser.parse_args(argv)
+    try:
+        keys, groups = compare(args.dirs)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    figures = write_figures(groups, args.out or args.dirs[0] / "compare")
+    if args.json:
+        print(json.dumps(to_json(keys, groups, figures), indent=2))
+    else:
+        print(format_table(keys, groups))
+        print("\n".join(str(path) for path in figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
