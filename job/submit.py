@@ -2,6 +2,7 @@
 
     python -m job.submit [--config FILE ...] [key=value ...] [--wait]
     python -m job.submit --config debug job.cluster=local job.tasks_per_node=2 --wait
+    python -m job.submit --sweep model.heads=joint,separate trainer.seed=0,1,2 [--config F] [key=value ...]
 
 One SLURM task per GPU (or per CPU worker), each task one rank; every task runs the same
 `mnist_add.train.train(cfg)` as the command line. On the preemption or time-limit signal the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -23,7 +25,9 @@ import submitit
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from job import sweep
 from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged
+from mnist_add.rundir import RunDirError
 from mnist_add.train import setup_logging, train
 
 
@@ -50,6 +54,8 @@ class JobConfig:
     max_num_timeout: int = ranged(3, ge=0)  # requeues after reaching the time limit (preemptions do not count)
     name: str = "mnist-add"
     log_dir: str | None = None  # submitit's logs and pickles (default: <run.dir>/submitit)
+    array_parallelism: int = ranged(4, ge=1)  # a sweep: at most this many members run at once
+    max_array_size: int = ranged(0, ge=0)  # a sweep: members per SLURM array (0: the cluster's MaxArraySize)
 
 
 @dataclass
@@ -121,16 +127,61 @@ def validate(cfg: JobConfig) -> None:
                           f"{cfg.timeout_min}-minute limit before the warning; lower it or raise job.timeout_min")
 
 
+def submit_sweep(plan: sweep.SweepPlan, cfg: JobConfig, wait: bool) -> int:
+    """Each array of members to run as one SLURM job array; locally, at most array_parallelism at a time."""
+    print(f"sweep {plan.name}: {len(plan.to_run)} to run, {len(plan.finished)} finished and "
+          f"{len(plan.running)} running now (skipped)")
+    if not plan.to_run:
+        return 0
+    executor = build_executor(cfg, str(plan.directory))
+    executor.update_parameters(slurm_array_parallelism=cfg.array_parallelism)
+    local = cfg.cluster != Cluster.slurm
+    jobs = []
+    for members in sweep.split(plan.to_run, cfg.array_parallelism if local else cfg.max_array_size or max_array_size()):
+        with executor.batch():
+            jobs += [executor.submit(Trainer(training_config(member.cfg))) for member in members]
+        for job in jobs[-len(members):] if local else []:  # no scheduler to hold the rest back
+            job.wait()
+    arrays = ",".join(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
+    print(f"submitted {'job(s)' if local else 'array(s)'} {arrays}\n" + "".join(f"  {m.name}: job {j.job_id}, logs {j.paths.stderr}\n"
+                                                   for m, j in zip(plan.to_run, jobs)) +
+          (f"  follow: squeue -j {arrays}; sacct -X -j {arrays}\n" if not local else "") +
+          f"  compare: python -m mnist_add.compare {plan.directory}")
+    return wait_for_sweep(plan, jobs) if wait else 0
+
+
+def max_array_size() -> int:
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return sweep.parse_max_array_size(config)
+
+
+def wait_for_sweep(plan: sweep.SweepPlan, jobs: list) -> int:
+    failed = 0
+    for member, job in zip(plan.to_run, jobs):
+        try:
+            summary = job.results()[0]
+            print(f"{member.name}: {summary['status']}")
+        except Exception as err:  # submitit re-raises the job's failure with its traceback
+            failed += 1
+            print(f"error: {member.name} (job {job.job_id}) failed:\n{err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
+    parser.add_argument("--sweep", nargs="+", action="extend", default=[], metavar="key=v1,v2",
+                        help="one run per combination of the values, under run.dir, as SLURM job arrays")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, schema=SubmitConfig)
         validate(cfg.job)
-    except ConfigError as err:
+        sweep_plan = sweep.plan(args.config, args.overrides, args.sweep, SubmitConfig) if args.sweep else None
+    except (ConfigError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if sweep_plan is not None:
+        return submit_sweep(sweep_plan, cfg.job, args.wait)
     job = build_executor(cfg.job, cfg.run.dir).submit(Trainer(training_config(cfg)))
     print(f"submitted job {job.job_id}\n  logs: {job.paths.stdout} and {job.paths.stderr}\n"
           f"  follow: tail -f {job.paths.stderr}" + (f"   state: sacct -j {job.job_id}" if cfg.job.cluster == Cluster.slurm

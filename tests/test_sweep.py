@@ -1,0 +1,137 @@
+"""job.sweep: expansion, member names and configs, skipping and splitting; job.submit --sweep end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_module
+from job import sweep
+from job.submit import SubmitConfig, main
+from mnist_add.config import ConfigError
+from mnist_add.rundir import RunDirLock
+
+AXES = ["model.heads=joint,separate", "trainer.seed=0,1,2"]
+
+
+def test_the_product_of_the_lists_is_every_member_last_key_fastest():
+    members = sweep.expand(sweep.parse_axes(AXES))
+    assert members == [{"model.heads": h, "trainer.seed": s} for h in ("joint", "separate") for s in "012"]
+
+
+@pytest.mark.parametrize("assignment, name", [
+    ({"model.heads": "joint", "trainer.seed": "0"}, "heads-joint_seed-0"),
+    ({"loss.sum": "ce", "loss.weights.sum": "0.5"}, "loss-sum-ce_loss-weights-sum-0.5"),  # same last part
+    ({"run_tag": "a/b c"}, "run_tag-a-b-c"),  # no path separators or spaces in a folder name
+])
+def test_member_names_are_made_from_the_swept_values(assignment, name):
+    assert sweep.member_name(assignment) == name
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("trainer.seed", "is not key=value1,value2"),
+    ("trainer.seed=", "empty value"),
+    ("trainer.seed=0,,1", "empty value"),
+    ("run.dir=a,b", "cannot vary run.dir"),
+    ("job.nodes=1,2", "cannot vary job.nodes"),
+])
+def test_malformed_sweep_items_are_refused(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.parse_axes([spec])
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match="names trainer.seed twice"):
+        sweep.parse_axes(["trainer.seed=0,1", "trainer.seed=2"])
+
+
+def test_split_keeps_order_and_caps_each_array():
+    assert sweep.split(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert sweep.split(list(range(3)), 1001) == [[0, 1, 2]]
+
+
+def test_max_array_size_is_read_from_scontrol_show_config():
+    text = "MaxArraySize            = 1001\nMaxJobCount             = 10000\n"
+    assert sweep.parse_max_array_size(text) == 1001
+    with pytest.raises(ConfigError, match="job.max_array_size"):
+        sweep.parse_max_array_size("MaxJobCount = 10000\n")
+
+
+def plan(tmp_path, *overrides, axes=AXES):
+    return sweep.plan(["debug"], [f"run.dir={tmp_path / 'sw'}", *overrides], axes, SubmitConfig)
+
+
+def test_each_member_has_its_run_dir_its_values_and_the_sweep_as_wandb_group(tmp_path):
+    result = plan(tmp_path, "optim.lr=0.01")
+    assert result.name == "sw" and len(result.to_run) == 6 and not result.finished
+    member = result.to_run[4]  # separate, seed 1
+    assert member.name == "heads-separate_seed-1"
+    assert member.cfg.run.dir == str(tmp_path / "sw" / "heads-separate_seed-1")
+    assert member.cfg.model.heads.value == "separate" and member.cfg.trainer.seed == 1
+    assert member.cfg.optim.lr == 0.01 and member.cfg.data.train_samples == 512  # the plain overrides and --config
+    assert member.cfg.wandb.group == "sw" and member.cfg.wandb.name == "sw/heads-separate_seed-1"
+
+
+@pytest.mark.parametrize("axis, message", [
+    ("trainer.sed=0,1", "did you mean trainer.seed"),
+    ("trainer.seed=0,x", "could not be converted to Integer"),
+    ("model.heads=joint,both", "expected one of"),
+    ("trainer.seed=0,-1", "trainer.seed must be at least 0"),
+])
+def test_a_bad_value_in_a_list_is_named(tmp_path, axis, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(tmp_path, axes=[axis])
+
+
+def write_summary(run_dir: Path, status: str = "completed"):
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "test": {}}))
+
+
+def test_finished_members_are_skipped_and_unfinished_or_changed_ones_run(tmp_path):
+    first = plan(tmp_path)
+    for member in first.to_run[:3]:  # what a launch leaves: the resolved config, then the summary
+        Path(member.cfg.run.dir).mkdir(parents=True)
+        (Path(member.cfg.run.dir) / "config.yaml").write_text(OmegaConf.to_yaml(sweep.training_sections(member.cfg)))
+    write_summary(Path(first.to_run[0].cfg.run.dir))
+    write_summary(Path(first.to_run[1].cfg.run.dir), status="stopped")
+    again = plan(tmp_path)
+    assert [m.name for m in again.finished] == ["heads-joint_seed-0"]
+    assert [m.name for m in again.to_run] == [m.name for m in first.to_run[1:]]
+    changed = plan(tmp_path, "optim.lr=0.01")  # computes something else: the completed run is not this member
+    assert not changed.finished and len(changed.to_run) == 6
+
+
+def test_a_member_whose_run_dir_is_held_by_a_job_is_not_submitted_again(tmp_path):
+    lock = RunDirLock(tmp_path / "sw" / "heads-joint_seed-2")
+    lock.acquire()
+    try:
+        result = plan(tmp_path)
+    finally:
+        lock.release()
+    assert [m.name for m in result.running] == ["heads-joint_seed-2"] and len(result.to_run) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "trainer.sed=0,1"], "did you mean trainer.seed?"),
+    (["--sweep", "trainer.seed="], "empty value"),
+    (["--sweep", "trainer.seed=0,zero"], "could not be converted to Integer (at trainer.seed)"),
+])
+def test_bad_sweep_syntax_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert main(["--config", "debug", f"run.dir={tmp_path}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_local_sweep_runs_every_member_and_a_second_submission_runs_none(tmp_path, data_root, capsys):
+    args = ["--config", "debug", f"run.dir={tmp_path / 'sw'}", f"data.root={data_root}", "trainer.max_steps=2",
+            "trainer.num_threads=1", "data.test_samples=32", "job.cluster=local", "job.array_parallelism=2",
+            "--sweep", "trainer.seed=0,1"]
+    first = run_module("job.submit", *args, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "sweep sw: 2 to run, 0 finished" in first.stdout and "seed-1: job" in first.stdout
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / "sw" / f"seed-{seed}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["step"] == 2
+    assert main(args) == 0  # in this process: nothing is left to start one
+    assert capsys.readouterr().out == "sweep sw: 0 to run, 2 finished and 0 running now (skipped)\n"
