@@ -75,7 +75,7 @@ def nccl_failure_env(run_dir: str) -> dict[str, str]:
     """NCCL settings under which a rank whose peer hangs or dies ends after dist.timeout_s (the watchdog tears the
     process down) and first dumps its flight recorder into run_dir/nccl-trace/rank_N (`torchfrtrace` reads them).
     Also in slurm/train.sbatch; no effect on gloo."""
-    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_FR_BUFFER_SIZE": "2000",
             "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
             "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(run_dir) / "nccl-trace" / "rank_")}
 
