@@ -32,7 +32,8 @@ def write_run(run_dir: Path, heads: str, seed: int, *, completed: bool = True, *
     (accuracies, wall_time, curve) = RESULTS.get((heads, seed), ((0.5, 0.5, 0.5), 1.0, (0.1, 0.2)))
     records = [{"step": 4, "train/loss": 1.0, "time_s": 1.0}]
     records += [{"step": step, "test/acc_sum": acc, "time_s": 2.0} for step, acc in zip((8, 16), curve)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (records if completed else records[:2])))
+    records = records if completed else records[:2]  # stopped after its first evaluation
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if completed:
         test = dict(zip(("acc_digit", "acc_sum", "acc_both"), accuracies))
         (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "step": 16, "test": test,

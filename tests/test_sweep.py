@@ -1,12 +1,16 @@
 """job.sweep: expansion, member names and configs, skipping and splitting; job.submit --sweep end to end."""
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_module
+from conftest import REPO, run_module, wait_until
+from test_slurm import slurm_cluster  # noqa: F401 (a fixture: a cluster answers, or the test fails in CI)
 from job import sweep
 from job.submit import SubmitConfig, main
 from mnist_add.config import ConfigError
@@ -135,3 +139,48 @@ def test_a_local_sweep_runs_every_member_and_a_second_submission_runs_none(tmp_p
         assert summary["status"] == "completed" and summary["step"] == 2
     assert main(args) == 0  # in this process: nothing is left to start one
     assert capsys.readouterr().out == "sweep sw: 0 to run, 2 finished and 0 running now (skipped)\n"
+
+
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+def array_states(job: str) -> dict[str, str]:
+    """Each task of a SLURM job (array) and its last state; a pending array shows as one `A_[0-3]` line."""
+    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                         text=True, check=True).stdout
+    return {task: state.split()[0] for task, state in (line.split("|") for line in out.splitlines() if line)}
+
+
+def wait_for_tasks(job: str, count: int) -> dict[str, str]:
+    """Once every one of `count` tasks has ended, they stay ended."""
+    return wait_until(lambda: len(s := array_states(job)) == count and all(v in ENDED for v in s.values()) and s,
+                      f"the {count} tasks of job {job} to end", timeout=300)
+
+
+def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfinished_member(
+        slurm_cluster, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the tasks import job.submit from the directory they were submitted in
+    sweep_dir = tmp_path / "sw"
+    args = ["--config", "debug", f"run.dir={sweep_dir}", f"data.root={data_root}", "trainer.max_steps=2",
+            "trainer.num_threads=1", "data.test_samples=32", "job.cluster=slurm", "job.array_parallelism=4",
+            "job.max_array_size=3", "--sweep", "model.heads=joint,separate", "trainer.seed=0,1"]
+    first = run_module("job.submit", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    array, rest = re.search(r"submitted array\(s\) (\d+),(\d+)\n", first.stdout).groups()  # split at 3 members
+    assert wait_for_tasks(array, 3) == {f"{array}_{i}": "COMPLETED" for i in range(3)}
+    assert wait_for_tasks(rest, 1) == {rest: "COMPLETED"}
+    names = [f"heads-{h}_seed-{s}" for h in ("joint", "separate") for s in (0, 1)]
+    finished = {name: (sweep_dir / name / "summary.json").stat().st_mtime_ns for name in names}
+
+    assert main(args) == 0
+    assert capsys.readouterr().out == "sweep sw: 0 to run, 4 finished and 0 running now (skipped)\n"
+
+    shutil.rmtree(sweep_dir / "heads-separate_seed-0")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sweep sw: 1 to run, 3 finished") and "heads-separate_seed-0: job" in out
+    rerun = re.search(r"submitted array\(s\) (\d+)\n", out).group(1)
+    assert wait_for_tasks(rerun, 1) == {rerun: "COMPLETED"}
+    assert json.loads((sweep_dir / "heads-separate_seed-0" / "summary.json").read_text())["status"] == "completed"
+    finished.pop("heads-separate_seed-0")
+    assert {name: (sweep_dir / name / "summary.json").stat().st_mtime_ns for name in finished} == finished  # not rerun
