@@ -66,9 +66,9 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
     model.eval()
     device = runtime.device
     batches = torch.arange(len(dataset)).split(batch_size)
-    # Each batch's loss sums in a slot of their own, zero on the ranks that do not score it: the
-    # all-reduce copies them unchanged, and math.fsum adds them exactly, in any order.
-    losses = torch.zeros(2, len(batches), dtype=torch.float64, device=device)  # [digit, sum] x batch
+    # Each batch's loss sums (float32) in a slot of their own, zero on the ranks that do not score
+    # it: the all-reduce copies them unchanged, and math.fsum adds them exactly, in any order.
+    losses = torch.zeros(2, len(batches), device=device)  # [digit, sum] x batch
     digit_confusion = torch.zeros(NUM_DIGITS * NUM_DIGITS, dtype=torch.int64, device=device)
     sum_confusion = torch.zeros(NUM_SUMS * NUM_SUMS, dtype=torch.int64, device=device)
     both = torch.zeros(1, dtype=torch.int64, device=device)
@@ -77,7 +77,7 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
             images, digits, addends, sums = _pairs(dataset, batches[batch], exhaustive, device)
             with autocast():
                 outputs = model(images, addends)
-            losses[:, batch] = torch.stack(task_losses(outputs, digits, sums, sum_loss, reduction="sum")).double()
+            losses[:, batch] = torch.stack(task_losses(outputs, digits, sums, sum_loss, reduction="sum"))
             digit_pred, sum_pred = (o.argmax(1) for o in outputs)
             digit_confusion += torch.bincount(digits * NUM_DIGITS + digit_pred, minlength=NUM_DIGITS ** 2)
             sum_confusion += torch.bincount(sums * NUM_SUMS + sum_pred, minlength=NUM_SUMS ** 2)

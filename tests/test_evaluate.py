@@ -9,7 +9,7 @@ from conftest import run_module, torchrun
 from mnist_add.config import SumLoss, load_config
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
-from mnist_add.evaluate import evaluate, load_model, main
+from mnist_add.evaluate import Evaluation, evaluate, load_model, main
 from mnist_add.train import train
 
 
@@ -108,6 +108,7 @@ def test_ranks_score_the_single_process_batches_whole(model, data_root, world_si
         digit_confusion += evaluate(recorder, images, Runtime(rank=rank, world_size=world_size), 16,
                                     SumLoss.ce).digit_confusion
         batches += recorder.batches
+    assert whole.num_pairs == 100
     assert sorted(batches) == sorted(single.batches) and len(batches) == 7  # 100 images in batches of 16
     assert torch.equal(digit_confusion, whole.digit_confusion)
 
@@ -124,3 +125,25 @@ def test_losses_are_the_mean_cross_entropy_over_the_pairs(model, data_root, exha
         digit_logits, sum_logits = model(batch.images.repeat(copies, 1, 1, 1), addends)
     assert metrics["test/loss_digit"] == pytest.approx(F.cross_entropy(digit_logits, digits).item(), rel=1e-6)
     assert metrics["test/loss_sum"] == pytest.approx(F.cross_entropy(sum_logits, digits + addends).item(), rel=1e-6)
+
+
+def test_metrics_are_ratios_of_the_summed_counts():
+    digit_confusion = torch.zeros(10, 10, dtype=torch.int64)
+    digit_confusion[3, 3], digit_confusion[5, 6], digit_confusion[7, 7] = 2, 1, 1  # class 7 has one image
+    sum_confusion = torch.zeros(19, 19, dtype=torch.int64)
+    sum_confusion[3, 3], sum_confusion[12, 12], sum_confusion[9, 10] = 1, 2, 1
+    result = Evaluation(num_pairs=4, loss_digit=2.0, loss_sum=6.0, digit_confusion=digit_confusion,
+                        sum_confusion=sum_confusion, both_correct=2)
+    assert result.metrics(prefix="test/") == {
+        "test/loss_digit": 0.5, "test/loss_sum": 1.5, "test/acc_digit": 0.75, "test/acc_sum": 0.75,
+        "test/acc_both": 0.5, "test/acc_sum_given_digit": 2 / 3}
+    per_class = result.per_class()
+    assert per_class["digit"] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0]  # class 5: wrong; classes never seen: 0
+    assert per_class["sum"][3] == per_class["sum"][12] == 1 and per_class["sum"][9] == 0 and len(per_class["sum"]) == 19
+
+
+def test_sum_given_digit_counts_the_right_digits_only():
+    confusion = torch.zeros(10, 10, dtype=torch.int64)
+    confusion[4, 4], confusion[2, 8] = 1, 3
+    result = Evaluation(4, 0.0, 0.0, confusion, torch.zeros(19, 19, dtype=torch.int64), both_correct=1)
+    assert result.metrics(prefix="")["acc_sum_given_digit"] == 1.0  # 1 of the 1 right digit
