@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_add.config import load_config
-from mnist_add.model import OneHot, build_model
+from torch import nn
+
+from mnist_add.config import SumHead, SumLoss, load_config
+from mnist_add.model import Criterion, OneHot, SumOutput, build_model, convnet_features, seed_features, task_losses
 from mnist_add.train import train
 
 VARIANTS = [
@@ -32,6 +34,58 @@ def test_seed_network_has_the_classroom_shapes():
     model = build_model(load_config(["seed-joint"]).model)
     assert model.mlp[0].in_features == 212 and model.mlp[2].out_features == 100
     assert model.head.out_features == 29
+
+
+def test_seed_features_are_the_classroom_convolutions():
+    features, num_features = seed_features()
+    assert [type(layer) for layer in features] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d] * 2 + [nn.Flatten]
+    assert [(conv.in_channels, conv.out_channels, conv.kernel_size) for conv in features[::3][:2]] == \
+        [(1, 6, (5, 5)), (6, 12, (5, 5))]
+    assert features(torch.zeros(2, 1, 28, 28)).shape == (2, num_features) == (2, 192)
+
+
+def test_convnet_features_are_three_same_size_conv_bn_relu_pool_blocks():
+    features, num_features = convnet_features(width=4)
+    blocks = [list(features[i:i + 4]) for i in range(0, 12, 4)]
+    for (conv, norm, relu, pool), (cin, cout, kernel) in zip(blocks, [(1, 4, 5), (4, 8, 3), (8, 16, 3)]):
+        assert (type(norm), type(relu), type(pool)) == (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d)
+        # "Same" padding, and no bias: BatchNorm's shift would cancel it.
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == \
+            (cin, cout, (kernel, kernel), (kernel // 2, kernel // 2))
+        assert conv.bias is None
+    assert features(torch.zeros(2, 1, 28, 28)).shape == (2, num_features) == (2, 16 * 3 * 3)
+
+
+def test_task_losses_smooth_each_task_with_its_own_amount():
+    digit_logits, sum_logits = torch.randn(5, 10), torch.randn(5, 19)
+    digits, sums = torch.tensor([0, 3, 9, 4, 1]), torch.tensor([0, 12, 18, 7, 5])
+    loss_digit, loss_sum = task_losses((digit_logits, sum_logits), digits, sums, SumLoss.ce, (0.1, 0.3))
+    assert loss_digit.item() == pytest.approx(F.cross_entropy(digit_logits, digits, label_smoothing=0.1).item())
+    assert loss_sum.item() == pytest.approx(F.cross_entropy(sum_logits, sums, label_smoothing=0.3).item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mse_sum_loss_is_the_squared_error_of_the_regressed_sum(reduction):
+    regressed = torch.tensor([[3.5], [10.0], [0.0]])
+    scores = SumOutput(SumHead.regression)(torch.zeros(3, 10), regressed, torch.zeros(3, dtype=torch.long))
+    _, loss_sum = task_losses((torch.zeros(3, 10), scores), torch.zeros(3, dtype=torch.long),
+                              torch.tensor([5, 10, 2]), SumLoss.mse, reduction=reduction)
+    squared_errors = [1.5 ** 2, 0.0, 2.0 ** 2]
+    assert loss_sum.item() == pytest.approx(sum(squared_errors) / (3 if reduction == "mean" else 1))
+
+
+def test_criterion_weighs_the_tasks_and_smooths_only_a_free_sum():
+    loss_cfg = load_config([], ["loss.label_smoothing=0.2", "loss.weights.digit=0.5", "loss.weights.sum=2.0"]).loss
+    digit_logits, free_sums = torch.randn(4, 10), torch.randn(4, 19)
+    digits, addends = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 9, 5, 2])
+    structured_sums = SumOutput(SumHead.structured)(digit_logits, torch.zeros(4, 0), addends)
+    expected_digit = F.cross_entropy(digit_logits, digits, label_smoothing=0.2)
+    for head, sum_logits, smoothing in [(SumHead.free, free_sums, 0.2), (SumHead.structured, structured_sums, 0.0)]:
+        total, loss_digit, loss_sum = Criterion(loss_cfg, head)((digit_logits, sum_logits), digits, digits + addends)
+        assert loss_digit.item() == pytest.approx(expected_digit.item())
+        assert loss_sum.item() == pytest.approx(
+            F.cross_entropy(sum_logits, digits + addends, label_smoothing=smoothing).item()), head
+        assert total.item() == pytest.approx(0.5 * loss_digit.item() + 2.0 * loss_sum.item())
 
 
 def test_structured_sum_is_the_digit_distribution_shifted_by_the_addend():
