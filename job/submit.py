@@ -143,6 +143,8 @@ def submit_sweep(plan: sweep.SweepPlan, cfg: JobConfig, wait: bool) -> int:
         for job in jobs[-len(members):] if local else []:  # no scheduler to hold the rest back
             job.wait()
     arrays = ",".join(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
+    if not local:  # local job ids are process ids: SLURM knows nothing of them
+        sweep.record_jobs(plan, {member.name: job.job_id for member, job in zip(plan.to_run, jobs)})
     print(f"submitted {'job(s)' if local else 'array(s)'} {arrays}\n" +
           "".join(f"  {m.name}: job {j.job_id}, logs {j.paths.stderr}\n" for m, j in zip(plan.to_run, jobs)) +
           (f"  follow: squeue -j {arrays}; sacct -X -j {arrays}\n" if not local else "") +

@@ -11,13 +11,15 @@ cluster allows. `job.submit` submits them.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_add.compare import is_running
+from mnist_add.compare import SWEEP_INDEX, is_running
 from mnist_add.config import Config, ConfigError, load_config
 from mnist_add.rundir import completed_run
 
@@ -119,3 +121,16 @@ def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: 
         else:
             to_run.append(member)
     return SweepPlan(sweep_dir.name, sweep_dir, to_run, finished, running)
+
+
+def record_jobs(plan: SweepPlan, job_ids: dict[str, str]) -> Path:
+    """Add {member name: SLURM job id} to the sweep's sweep.json, where `mnist_add.compare` reads the states of
+    members that have not completed (pending, running, failed). Written whole, then renamed: never half a file."""
+    path = plan.directory / SWEEP_INDEX
+    index = json.loads(path.read_text()) if path.is_file() else {"name": plan.name, "members": {}}
+    index["members"].update({name: {"job_id": job} for name, job in job_ids.items()})
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(index, indent=2) + "\n")
+    partial.replace(path)
+    return path

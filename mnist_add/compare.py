@@ -8,8 +8,10 @@ between them, except the seed (trainer.seed) and keys that do not change what is
 (`mnist_add.rundir.OPERATIONAL_KEYS`). Per group it prints n and mean ± std (over seeds, sample std) of
 the test digit, sum and both accuracy of summary.json, and of the wall time: summary.json's
 `segment_wall_time_s`, the wall time of the segment that completed the run (the whole run unless it
-was resumed). Members without a completed summary.json are listed as running (a job holds the run
-directory's lock) or unfinished (failed, stopped or not started), and left out of the statistics.
+was resumed). Members without a completed summary.json are listed and left out of the statistics:
+running (a job holds the run directory's lock, or SLURM says so), pending or failed (SLURM's state of
+the member's job, from the sweep's sweep.json that `job.submit --sweep` writes), or unfinished (stopped,
+or no job state known).
 
 Writes into --out (default: the first DIR's compare/) and prints the paths written:
     accuracy.png    per accuracy, each group's mean with a ± std error bar
@@ -23,6 +25,7 @@ import fcntl
 import json
 import os
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,11 @@ WALL_TIME = "wall_time_s"  # from summary["segment_wall_time_s"]
 STATISTICS = (*ACCURACIES, WALL_TIME)
 CURVE_METRIC = "test/acc_sum"
 RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, LOCK_NAME)  # any of them marks a run directory
+SWEEP_INDEX = "sweep.json"  # in a sweep directory: {"name": ..., "members": {member name: {"job_id": ...}}}
+# SLURM job states (sacct) of a member without a completed summary, by what compare calls them
+SLURM_STATUS = {"RUNNING": "running", "COMPLETING": "running", "PENDING": "pending", "REQUEUED": "pending",
+                "SUSPENDED": "pending", "FAILED": "failed", "CANCELLED": "failed", "TIMEOUT": "failed",
+                "OUT_OF_MEMORY": "failed", "NODE_FAIL": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
 
 
 class CompareError(ValueError):
@@ -52,7 +60,7 @@ class Member:
     """One run directory of a sweep: its config (flat keys), its state, and its results when completed."""
     path: Path
     config: dict[str, Any]
-    status: str  # completed, running, unfinished
+    status: str  # completed, running, pending, failed, unfinished
     results: dict[str, float] = field(default_factory=dict)  # STATISTICS keys, completed members only
 
 
@@ -70,6 +78,18 @@ class Group:
         return {name: mean_std([m.results[name] for m in self.completed]) for name in STATISTICS}
 
 
+@dataclass
+class Comparison:
+    keys: list[str]  # the config keys that differ between members (seed and operational keys aside)
+    groups: list[Group]
+    unstarted: list[Member]  # no config.yaml yet: queued, or failed before training started
+
+    @property
+    def excluded(self) -> list[Member]:
+        """Every member left out of the statistics."""
+        return [m for group in self.groups for m in group.members if m.status != "completed"] + self.unstarted
+
+
 def mean_std(values: list[float]) -> dict[str, float | None]:
     """Mean and sample standard deviation; None where there are too few values for it."""
     return {"mean": statistics.fmean(values) if values else None,
@@ -84,10 +104,12 @@ def is_run_dir(path: Path) -> bool:
 
 
 def member_dirs(path: Path) -> list[Path]:
-    """The run directory itself, or the run directories directly inside a sweep directory."""
+    """The run directory itself, or the run directories directly inside a sweep directory (and those its
+    sweep.json names that have not started yet)."""
     if is_run_dir(path):
         return [path]
-    members = sorted(child for child in path.iterdir() if is_run_dir(child)) if path.is_dir() else []
+    found = {child for child in path.iterdir() if is_run_dir(child)} if path.is_dir() else set()
+    members = sorted(found | {path / name for name in read_index(path)})
     if not members:
         raise CompareError(f"{path} holds no run: expected a run directory (with {CONFIG_NAME} or {SUMMARY_NAME}) "
                            f"or a sweep directory of them")
@@ -121,15 +143,43 @@ def is_running(path: Path) -> bool:
         os.close(fd)
 
 
-def read_member(path: Path) -> Member:
+def read_index(sweep_dir: Path) -> dict[str, str]:
+    """{member name: SLURM job id} from the sweep's sweep.json; empty without one."""
+    path = sweep_dir / SWEEP_INDEX
+    members = json.loads(path.read_text())["members"] if path.is_file() else {}
+    return {name: entry["job_id"] for name, entry in members.items()}
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: its SLURM state now}, from sacct; empty where SLURM does not answer."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {job: state.split()[0] for job, state in (line.split("|", 1) for line in out.splitlines() if "|" in line)}
+
+
+def member_status(summary: dict, lock_held: bool, slurm_state: str | None) -> str:
+    if summary.get("status") == "completed":
+        return "completed"
+    if lock_held:
+        return "running"
+    return SLURM_STATUS.get(slurm_state or "", "unfinished")
+
+
+def read_member(path: Path, slurm_state: str | None = None) -> Member:
     config_path, summary_path = path / CONFIG_NAME, path / SUMMARY_NAME
     config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if summary.get("status") == "completed":
-        results = {name: summary["test"][name] for name in ACCURACIES}
-        results[WALL_TIME] = summary["segment_wall_time_s"]
-        return Member(path, config, "completed", results)
-    return Member(path, config, "running" if is_running(path) else "unfinished")
+    status = member_status(summary, is_running(path), slurm_state)
+    if status != "completed":
+        return Member(path, config, status)
+    results = {name: summary["test"][name] for name in ACCURACIES}
+    results[WALL_TIME] = summary["segment_wall_time_s"]
+    return Member(path, config, status, results)
 
 
 # --- grouping ---------------------------------------------------------------------------------------
@@ -156,13 +206,13 @@ def group_members(members: list[Member]) -> tuple[list[str], list[Group]]:
 # --- output -----------------------------------------------------------------------------------------
 
 
-def to_json(keys: list[str], groups: list[Group], figures: list[Path]) -> dict:
+def to_json(comparison: Comparison, figures: list[Path]) -> dict:
+    keys, groups = comparison.keys, comparison.groups
     return {"keys": keys,
             "wall_time": "summary.json segment_wall_time_s: the segment that completed each run",
             "groups": [{"values": group.values, "n": len(group.completed),
                         "members": [str(m.path) for m in group.completed], **group.stats()} for group in groups],
-            "excluded": [{"dir": str(m.path), "status": m.status}
-                         for group in groups for m in group.members if m.status != "completed"],
+            "excluded": [{"dir": str(m.path), "status": m.status} for m in comparison.excluded],
             "figures": [str(path) for path in figures]}
 
 
@@ -173,7 +223,8 @@ def format_stat(stat: dict[str, float | None], scale: float, digits: int) -> str
     return f"{scale * stat['mean']:.{digits}f} ± {std}"
 
 
-def format_table(keys: list[str], groups: list[Group]) -> str:
+def format_table(comparison: Comparison) -> str:
+    keys, groups = comparison.keys, comparison.groups
     header = [*(keys or ["runs"]), "n", "digit %", "sum %", "both %", "wall time s"]
     rows = []
     for group in groups:
@@ -183,7 +234,7 @@ def format_table(keys: list[str], groups: list[Group]) -> str:
                      format_stat(stats[WALL_TIME], 1, 1)])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines += [f"{m.status}: {m.path} (left out)" for group in groups for m in group.members if m.status != "completed"]
+    lines += [f"{m.status}: {m.path} (left out)" for m in comparison.excluded]
     return "\n".join(lines)
 
 
@@ -253,9 +304,13 @@ def write_figures(groups: list[Group], out: Path) -> list[Path]:
     return written
 
 
-def compare(dirs: list[Path]) -> tuple[list[str], list[Group]]:
-    members = [read_member(path) for directory in dirs for path in member_dirs(directory)]
-    return group_members(members)
+def compare(dirs: list[Path]) -> Comparison:
+    paths = [path for directory in dirs for path in member_dirs(directory)]
+    job_ids = {directory / name: job for directory in dirs for name, job in read_index(directory).items()}
+    states = slurm_states(sorted(set(job_ids.values())))
+    members = [read_member(path, states.get(job_ids.get(path, ""))) for path in paths]
+    keys, groups = group_members([m for m in members if m.config])
+    return Comparison(keys, groups, [m for m in members if not m.config])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,15 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     args = parser.parse_args(argv)
     try:
-        keys, groups = compare(args.dirs)
+        comparison = compare(args.dirs)
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    figures = write_figures(groups, args.out or args.dirs[0] / "compare")
+    figures = write_figures(comparison.groups, args.out or args.dirs[0] / "compare")
     if args.json:
-        print(json.dumps(to_json(keys, groups, figures), indent=2))
+        print(json.dumps(to_json(comparison, figures), indent=2))
     else:
-        print(format_table(keys, groups))
+        print(format_table(comparison))
         print("\n".join(str(path) for path in figures))
     return 0
 

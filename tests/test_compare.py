@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_module
-from mnist_add.compare import compare, curve_band, draw_accuracy, draw_curves, main
+from mnist_add.compare import compare, curve_band, draw_accuracy, draw_curves, main, member_status
 from mnist_add.config import load_config, to_dict
 from mnist_add.rundir import RunDirLock
 
@@ -59,7 +59,8 @@ def by_heads(groups):
 
 
 def test_members_are_grouped_by_the_differing_key_only(sweep):
-    keys, groups = compare([sweep])
+    result = compare([sweep])
+    keys, groups = result.keys, result.groups
     assert keys == ["model.heads"]  # not trainer.seed, trainer.num_threads, wandb.group or run.dir
     groups = by_heads(groups)
     assert sorted(groups) == ["joint", "separate"]
@@ -68,7 +69,7 @@ def test_members_are_grouped_by_the_differing_key_only(sweep):
 
 
 def test_group_statistics_are_the_mean_and_sample_std_over_seeds(sweep):
-    stats = by_heads(compare([sweep])[1])["joint"].stats()
+    stats = by_heads(compare([sweep]).groups)["joint"].stats()
     for index, name in enumerate(("acc_digit", "acc_sum", "acc_both")):
         values = [RESULTS[("joint", seed)][0][index] for seed in range(3)]
         assert stats[name]["mean"] == pytest.approx(statistics.fmean(values))
@@ -81,13 +82,15 @@ def test_two_keys_that_differ_make_a_group_per_combination(tmp_path):
     write_run(tmp_path / "a", "joint", 0)
     write_run(tmp_path / "b", "joint", 1, **{"optim.lr": 0.001})
     write_run(tmp_path / "c", "separate", 0, **{"optim.lr": 0.001})
-    keys, groups = compare([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    result = compare([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    keys, groups = result.keys, result.groups
     assert keys == ["model.heads", "optim.lr"]
     assert [tuple(g.values.values()) for g in groups] == [("joint", 0.005), ("joint", 0.001), ("separate", 0.001)]
 
 
 def test_a_single_group_has_no_std_and_no_keys(tmp_path):
-    keys, groups = compare([write_run(tmp_path / "run", "joint", 0)])
+    result = compare([write_run(tmp_path / "run", "joint", 0)])
+    keys, groups = result.keys, result.groups
     assert keys == [] and len(groups) == 1
     assert groups[0].stats()["acc_digit"] == {"mean": pytest.approx(0.90), "std": None}
 
@@ -130,7 +133,7 @@ def test_figures_are_pngs_and_plot_the_group_values(sweep, capsys):
         with Image.open(sweep / "compare" / name) as image:
             assert image.format == "PNG" and image.width > 100
             image.load()
-    groups = compare([sweep])[1]
+    groups = compare([sweep]).groups
     accuracy_axes = draw_accuracy(groups).axes
     digit = accuracy_axes[0]
     assert [bar.lines[0].get_ydata()[0] for bar in digit.containers] == pytest.approx([92.0, 97.0])  # the group means
@@ -145,7 +148,7 @@ def test_figures_are_pngs_and_plot_the_group_values(sweep, capsys):
 
 
 def test_curve_band_uses_only_steps_every_member_reached(sweep):
-    members = by_heads(compare([sweep])[1])["separate"].members  # two completed, two stopped at step 8
+    members = by_heads(compare([sweep]).groups)["separate"].members  # two completed, two stopped at step 8
     steps, mean, std = curve_band(members)
     assert steps == [8] and mean[0] == pytest.approx((0.65 + 0.75 + 0.1 + 0.1) / 4)
 
@@ -155,3 +158,31 @@ def test_a_directory_without_runs_is_one_line_and_exit_2(tmp_path):
     result = run_module("mnist_add.compare", str(tmp_path / "empty"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "holds no run" in result.stderr
+
+
+@pytest.mark.parametrize("summary, lock_held, slurm_state, status", [
+    ({"status": "completed"}, False, "FAILED", "completed"),  # the summary is the last word
+    ({}, True, None, "running"),
+    ({}, False, "RUNNING", "running"),
+    ({}, False, "PENDING", "pending"),
+    ({}, False, "REQUEUED", "pending"),
+    ({}, False, "FAILED", "failed"),
+    ({}, False, "OUT_OF_MEMORY", "failed"),
+    ({}, False, "CANCELLED", "failed"),
+    ({"status": "stopped"}, False, None, "unfinished"),
+    ({}, False, "COMPLETED", "unfinished"),  # ended without a summary: stopped, not failed
+])
+def test_a_member_without_a_completed_summary_is_named_by_its_lock_or_slurm_state(summary, lock_held, slurm_state,
+                                                                                  status):
+    assert member_status(summary, lock_held, slurm_state) == status
+
+
+def test_members_of_sweep_json_that_have_not_started_are_listed_apart(sweep, capsys):
+    index = {"name": "sweep", "members": {"heads-joint_seed-9": {"job_id": "999999999_9"},
+                                          "heads-joint_seed-0": {"job_id": "999999999_0"}}}
+    (sweep / "sweep.json").write_text(json.dumps(index))
+    result = compare([sweep])
+    assert [m.path.name for m in result.unstarted] == ["heads-joint_seed-9"]
+    assert result.keys == ["model.heads"] and len(result.groups) == 2  # no group of members without a config
+    assert main([str(sweep)]) == 0
+    assert "unfinished: " + str(sweep / "heads-joint_seed-9") + " (left out)" in capsys.readouterr().out

@@ -171,6 +171,9 @@ def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfi
     assert wait_for_tasks(rest, 1) == {rest: "COMPLETED"}
     names = [f"heads-{h}_seed-{s}" for h in ("joint", "separate") for s in (0, 1)]
     finished = {name: (sweep_dir / name / "summary.json").stat().st_mtime_ns for name in names}
+    index = json.loads((sweep_dir / "sweep.json").read_text())  # where compare looks up SLURM states
+    assert index["members"] == {name: {"job_id": job} for name, job in
+                                zip(names, [f"{array}_0", f"{array}_1", f"{array}_2", rest])}
 
     assert main(args) == 0
     assert capsys.readouterr().out == "sweep sw: 0 to run, 4 finished and 0 running now (skipped)\n"
@@ -182,5 +185,16 @@ def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfi
     rerun = re.search(r"submitted array\(s\) (\d+)\n", out).group(1)
     assert wait_for_tasks(rerun, 1) == {rerun: "COMPLETED"}
     assert json.loads((sweep_dir / "heads-separate_seed-0" / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((sweep_dir / "sweep.json").read_text())["members"]["heads-separate_seed-0"] == {"job_id": rerun}
     finished.pop("heads-separate_seed-0")
     assert {name: (sweep_dir / name / "summary.json").stat().st_mtime_ns for name in finished} == finished  # not rerun
+
+
+def test_record_jobs_adds_to_the_sweep_index(tmp_path):
+    result = plan(tmp_path)
+    sweep.record_jobs(result, {"heads-joint_seed-0": "7_0", "heads-joint_seed-1": "7_1"})
+    sweep.record_jobs(result, {"heads-joint_seed-1": "9"})  # resubmitted: the newer job counts
+    index = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert index == {"name": "sw", "members": {"heads-joint_seed-0": {"job_id": "7_0"},
+                                                "heads-joint_seed-1": {"job_id": "9"}}}
+    assert [p.name for p in (tmp_path / "sw").iterdir()] == ["sweep.json"]  # no temporary file left
