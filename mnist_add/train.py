@@ -428,8 +428,8 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when done or stopped with a checkpoint, 1 when training diverged, 2 for what the user can fix,
-    130 on a second Ctrl-C."""
+    """Exit 0 when done or stopped with a checkpoint, 1 when training diverged or a peer rank hung or died,
+    2 for what the user can fix, 130 on a second Ctrl-C."""
     setup_logging(distributed.launcher_ranks()[0])
     try:
         cfg = parse_args(argv, description=__doc__.splitlines()[0])
@@ -439,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DivergenceError as err:
         log.error("%s", err)
+        return 1
+    except RuntimeError as err:  # a peer rank hung or died in a collective (gloo; NCCL's DistBackendError)
+        if (message := distributed.explain_collective_failure(err)) is None:
+            raise
+        log.error("%s", message)
         return 1
     except OSError as err:
         if (message := explain_os_error(err)) is None:
