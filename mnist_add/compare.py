@@ -258,7 +258,7 @@ def draw_accuracy(groups: list[Group]) -> Figure:
             ax.errorbar([x], [100 * stat["mean"]], yerr=[100 * (stat["std"] or 0)], fmt="o", capsize=4,
                         label=f"{group_label(group)} (n={len(group.completed)})")
         ax.set(title=f"test {name.removeprefix('acc_')} accuracy (%)", xticks=range(len(shown)),
-               xticklabels=[group_label(group) for group in shown])
+               xticklabels=[f"{group_label(group)}\nn={len(group.completed)}" for group in shown])
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(True, axis="y", alpha=0.3)
     return figure

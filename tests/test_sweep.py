@@ -13,6 +13,7 @@ from conftest import REPO, run_module, wait_until
 from test_slurm import slurm_cluster  # noqa: F401 (a fixture: a cluster answers, or the test fails in CI)
 from job import sweep
 from job.submit import SubmitConfig, main
+from mnist_add.compare import slurm_states
 from mnist_add.config import ConfigError
 from mnist_add.rundir import RunDirLock
 
@@ -131,9 +132,10 @@ def test_a_local_sweep_runs_every_member_and_a_second_submission_runs_none(tmp_p
     args = ["--config", "debug", f"run.dir={tmp_path / 'sw'}", f"data.root={data_root}", "trainer.max_steps=2",
             "trainer.num_threads=1", "data.test_samples=32", "job.cluster=local", "job.array_parallelism=2",
             "--sweep", "trainer.seed=0,1"]
-    first = run_module("job.submit", *args, timeout=300)
+    first = run_module("job.submit", *args, "--wait", timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sweep sw: 2 to run, 0 finished" in first.stdout and "seed-1: job" in first.stdout
+    assert "seed-0: completed\nseed-1: completed\n" in first.stdout  # --wait: each member's end
     for seed in (0, 1):
         summary = json.loads((tmp_path / "sw" / f"seed-{seed}" / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 2
@@ -174,6 +176,7 @@ def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfi
     index = json.loads((sweep_dir / "sweep.json").read_text())  # where compare looks up SLURM states
     assert index["members"] == {name: {"job_id": job} for name, job in
                                 zip(names, [f"{array}_0", f"{array}_1", f"{array}_2", rest])}
+    assert slurm_states([f"{array}_1", rest]) == {f"{array}_1": "COMPLETED", rest: "COMPLETED"}  # compare's view
 
     assert main(args) == 0
     assert capsys.readouterr().out == "sweep sw: 0 to run, 4 finished and 0 running now (skipped)\n"
