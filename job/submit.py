@@ -130,7 +130,7 @@ def validate(cfg: JobConfig) -> None:
 def submit_sweep(plan: sweep.SweepPlan, cfg: JobConfig, wait: bool) -> int:
     """Each array of members to run as one SLURM job array; locally, at most array_parallelism at a time."""
     print(f"sweep {plan.name}: {len(plan.to_run)} to run, {len(plan.finished)} finished and "
-          f"{len(plan.running)} running now (skipped)")
+          f"{len(plan.running)} queued or running (skipped)")
     if not plan.to_run:
         return 0
     executor = build_executor(cfg, str(plan.directory))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_add.compare import SWEEP_INDEX, is_running
+from mnist_add.compare import SLURM_STATUS, SWEEP_INDEX, is_running, read_index, slurm_states
 from mnist_add.config import Config, ConfigError, load_config
 from mnist_add.rundir import completed_run
 
@@ -39,7 +39,7 @@ class SweepPlan:
     directory: Path  # holds one run directory per member
     to_run: list[Member]  # new or unfinished (resumed from their run directories)
     finished: list[Member]  # completed earlier with this same config: skipped
-    running: list[Member]  # a job holds their run directory now: skipped
+    running: list[Member]  # a job holds their run directory now, or their SLURM job is queued or running: skipped
 
 
 def parse_axes(specs: list[str]) -> dict[str, list[str]]:
@@ -102,8 +102,10 @@ def training_sections(cfg: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [spec.name for spec in fields(Config)])
 
 
-def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: type) -> SweepPlan:
-    """The members of the sweep and which of them to run: finished ones are skipped, unfinished ones resume."""
+def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: type,
+         job_states=slurm_states) -> SweepPlan:
+    """The members of the sweep and which of them to run: finished ones are skipped, and so are those whose job
+    (recorded in sweep.json; `job_states` asks SLURM) is still queued or running; unfinished ones resume."""
     base = load_config(files, overrides, schema)
     sweep_dir = Path(base.run.dir)
     assignments = expand(parse_axes(axis_specs))
@@ -112,11 +114,14 @@ def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: 
     if len({m.name for m in members}) < len(members):
         raise ConfigError(f"--sweep values give members the same folder name ({', '.join(m.name for m in members)}); "
                           f"use values that differ in letters, digits or . _ = + -")
+    jobs = read_index(sweep_dir)
+    states = job_states(sorted(jobs[m.name] for m in members if m.name in jobs))
     to_run, finished, running = [], [], []
     for member in members:
         if completed_run(training_sections(member.cfg)) is not None:
             finished.append(member)
-        elif is_running(Path(member.cfg.run.dir)):
+        elif is_running(Path(member.cfg.run.dir)) or \
+                SLURM_STATUS.get(states.get(jobs.get(member.name, ""), "")) in ("running", "pending"):
             running.append(member)
         else:
             to_run.append(member)

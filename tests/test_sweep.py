@@ -140,7 +140,7 @@ def test_a_local_sweep_runs_every_member_and_a_second_submission_runs_none(tmp_p
         summary = json.loads((tmp_path / "sw" / f"seed-{seed}" / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 2
     assert main(args) == 0  # in this process: nothing is left to start one
-    assert capsys.readouterr().out == "sweep sw: 0 to run, 2 finished and 0 running now (skipped)\n"
+    assert capsys.readouterr().out == "sweep sw: 0 to run, 2 finished and 0 queued or running (skipped)\n"
 
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
@@ -179,7 +179,7 @@ def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfi
     assert slurm_states([f"{array}_1", rest]) == {f"{array}_1": "COMPLETED", rest: "COMPLETED"}  # compare's view
 
     assert main(args) == 0
-    assert capsys.readouterr().out == "sweep sw: 0 to run, 4 finished and 0 running now (skipped)\n"
+    assert capsys.readouterr().out == "sweep sw: 0 to run, 4 finished and 0 queued or running (skipped)\n"
 
     shutil.rmtree(sweep_dir / "heads-separate_seed-0")
     assert main(args) == 0
@@ -201,3 +201,15 @@ def test_record_jobs_adds_to_the_sweep_index(tmp_path):
     assert index == {"name": "sw", "members": {"heads-joint_seed-0": {"job_id": "7_0"},
                                                 "heads-joint_seed-1": {"job_id": "9"}}}
     assert [p.name for p in (tmp_path / "sw").iterdir()] == ["sweep.json"]  # no temporary file left
+
+
+def test_a_member_whose_recorded_job_is_still_queued_is_not_submitted_again(tmp_path):
+    sweep.record_jobs(plan(tmp_path), {"heads-joint_seed-0": "7_0", "heads-joint_seed-1": "7_1",
+                                       "heads-joint_seed-2": "7_2"})
+    states = {"7_0": "PENDING", "7_1": "FAILED", "7_2": "RUNNING"}
+    asked = []
+    result = sweep.plan(["debug"], [f"run.dir={tmp_path / 'sw'}"], AXES, SubmitConfig,
+                        job_states=lambda ids: asked.append(ids) or states)
+    assert asked == [["7_0", "7_1", "7_2"]]
+    assert [m.name for m in result.running] == ["heads-joint_seed-0", "heads-joint_seed-2"]
+    assert [m.name for m in result.to_run][:1] == ["heads-joint_seed-1"] and len(result.to_run) == 4  # failed: rerun
