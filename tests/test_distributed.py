@@ -18,7 +18,6 @@ from mnist_add.distributed import StopSignals, stop_signals
 LONG = ("data.train_samples=1024", "trainer.epochs=2", "trainer.save_every_steps=8", "trainer.log_every_steps=4",
         "trainer.deterministic=true")
 HOLD, STOP = 16, 20
-pytestmark = pytest.mark.xdist_group("torchrun")  # one worker: the reference run is made once
 SEED_NET = ("model.arch=seed", "model.sum_head=free", "model.addend_dim=20", "model.channels_last=false", "data.augment=false",
             "data.train_samples=2048", "trainer.epochs=2", "trainer.deterministic=true")
 

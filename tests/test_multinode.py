@@ -19,7 +19,6 @@ from conftest import (REPO, TORCHRUN_SIGNALS, newest_step, run_module, subproces
 from test_slurm import LONG, assert_bitwise_equal, final_weights, job_id, sacct_states, summary, wait_for_job_end
 
 HOLD_AT = {"MNIST_ADD_TEST_HOLD_AT": "16"}  # the job holds after its checkpoint at step 16 until asked to stop
-pytestmark = pytest.mark.xdist_group("slurm")  # one at a time, with tests/test_slurm.py (see there)
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 START = "MNIST_ADD_SLURM_NODES=2 bash slurm/local/start.sh; . slurm/local/env.sh"

@@ -27,9 +27,6 @@ from wandb_records import offline_runs
 LONG = ("--config", "debug", "data.train_samples=1024", "trainer.epochs=2", "trainer.save_every_steps=8",
         "trainer.log_every_steps=4", "trainer.deterministic=true", "trainer.num_threads=1")
 HOLD_AT = {"MNIST_ADD_TEST_HOLD_AT": "16"}
-# Cluster tests run one at a time, in one worker of `pytest -n 2 --dist loadgroup`: a preempting job or a
-# node taken down would hit another test's job.
-pytestmark = pytest.mark.xdist_group("slurm")
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,6 @@ def wait_for_tasks(job: str, count: int) -> dict[str, str]:
                       f"the {count} tasks of job {job} to end", timeout=300)
 
 
-@pytest.mark.xdist_group("slurm")  # one cluster test at a time: test_slurm.py's preempting jobs would hit these
 def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfinished_member(
         slurm_cluster, data_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # the tasks import job.submit from the directory they were submitted in
