@@ -10,6 +10,7 @@ from mnist_add.config import SumLoss, load_config
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.evaluate import Evaluation, evaluate, load_model, main
+from mnist_add.model import build_model, task_losses
 from mnist_add.train import train
 
 
@@ -42,7 +43,8 @@ class Recorder(torch.nn.Module):
 
     def pairs(self, images: MNISTAdd) -> list[tuple[int, int]]:
         """Every pair scored, in order, as (index of the image in `images`, addend)."""
-        index_of = {image.numpy().tobytes(): i for i, image in enumerate(images.batch(torch.arange(len(images))).images)}
+        all_images = images.batch(torch.arange(len(images))).images
+        index_of = {image.numpy().tobytes(): i for i, image in enumerate(all_images)}
         return [(index_of[image], addend) for batch in self.batches for image, addend in batch]
 
 
@@ -87,7 +89,8 @@ def test_exhaustive_scores_each_image_once_with_each_addend(model, data_root):
     images = MNISTAdd(data_root, train=False, num_samples=30)
     recorder = Recorder(model)
     result = evaluate(recorder, images, Runtime(), batch_size=8, sum_loss=SumLoss.ce, exhaustive=True)
-    assert Counter(recorder.pairs(images)) == Counter({(image, addend): 1 for image in range(30) for addend in range(10)})
+    each_once = Counter({(image, addend): 1 for image in range(30) for addend in range(10)})
+    assert Counter(recorder.pairs(images)) == each_once
     assert result.num_pairs == 300
     # The targets: each image's digit ten times, and sums digit + 0 .. digit + 9.
     digits = images.targets
@@ -147,3 +150,26 @@ def test_sum_given_digit_counts_the_right_digits_only():
     confusion[4, 4], confusion[2, 8] = 1, 3
     result = Evaluation(4, 0.0, 0.0, confusion, torch.zeros(19, 19, dtype=torch.int64), both_correct=1)
     assert result.metrics(prefix="")["acc_sum_given_digit"] == 1.0  # 1 of the 1 right digit
+
+
+@pytest.mark.parametrize("overrides,sum_loss", [
+    (["model.arch=seed", "model.sum_head=free", "model.addend_dim=20"], SumLoss.ce),
+    (["model.arch=seed", "model.sum_head=regression", "loss.sum=mse", "model.addend_dim=20"], SumLoss.mse),
+], ids=["free sum, ce", "regressed sum, mse"])
+def test_counts_and_losses_are_those_of_scoring_every_pair_directly(data_root, overrides, sum_loss):
+    """An untrained network with its own sum head: right digits and right sums are different pairs."""
+    torch.manual_seed(0)
+    model = build_model(load_config([], overrides).model).eval()
+    images = MNISTAdd(data_root, train=False, num_samples=100)
+    result = evaluate(model, images, Runtime(), 32, sum_loss)
+    batch = images.batch(torch.arange(100))
+    with torch.no_grad():
+        outputs = model(batch.images, batch.addends)
+    digit_pred, sum_pred = (o.argmax(1) for o in outputs)
+    assert result.digit_confusion.dtype == result.sum_confusion.dtype == torch.int64
+    digit_confusion = torch.bincount(batch.digits * 10 + digit_pred, minlength=100).view(10, 10)
+    sum_confusion = torch.bincount(batch.sums * 19 + sum_pred, minlength=361).view(19, 19)
+    assert torch.equal(result.digit_confusion, digit_confusion) and torch.equal(result.sum_confusion, sum_confusion)
+    assert result.both_correct == int(((digit_pred == batch.digits) & (sum_pred == batch.sums)).sum())
+    loss_digit, loss_sum = task_losses(outputs, batch.digits, batch.sums, sum_loss, reduction="sum")
+    assert (result.loss_digit, result.loss_sum) == pytest.approx((loss_digit.item(), loss_sum.item()), rel=1e-5)

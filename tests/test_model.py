@@ -21,6 +21,7 @@ def test_one_hot_turns_ids_into_rows():
     rows = OneHot(10)(torch.tensor([0, 9, 3]))
     assert rows.shape == (3, 10) and rows.dtype == torch.float32
     assert rows.argmax(1).tolist() == [0, 9, 3] and rows.sum().item() == 3
+    assert OneHot(10)(torch.tensor([2, 0])).shape == (2, 10)  # ten columns, whatever the largest id
 
 
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(v.split("=")[1] for v in o))
@@ -32,8 +33,23 @@ def test_every_variant_maps_images_and_addends_to_digit_and_sum_scores(overrides
 
 def test_seed_network_has_the_classroom_shapes():
     model = build_model(load_config(["seed-joint"]).model)
-    assert model.mlp[0].in_features == 212 and model.mlp[2].out_features == 100
+    assert [(layer.in_features, layer.out_features) for layer in model.mlp[::2]] == [(212, 212), (212, 100)]
     assert model.head.out_features == 29
+
+
+def test_default_network_has_one_hidden_layer_and_only_a_digit_head():
+    model = build_model(load_config([], []).model)  # structured sum: nothing to learn beyond the digit
+    assert [(layer.in_features, layer.out_features) for layer in model.mlp[::2]] == [(36 * 32, 128)]
+    assert model.addend is None and model.head.out_features == 10 and not hasattr(model, "sum_head")
+    assert not any("sums" in name for name in model.state_dict())  # a constant, not saved in checkpoints
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_is_the_weights_memory_format_as_configured(channels_last):
+    model = build_model(load_config([], [f"model.channels_last={channels_last}"]).model)
+    weight = model.features[4].weight  # the second convolution's: [64, 32, 3, 3]
+    assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert weight.is_contiguous() != channels_last
 
 
 def test_seed_features_are_the_classroom_convolutions():
@@ -72,6 +88,15 @@ def test_mse_sum_loss_is_the_squared_error_of_the_regressed_sum(reduction):
                               torch.tensor([5, 10, 2]), SumLoss.mse, reduction=reduction)
     squared_errors = [1.5 ** 2, 0.0, 2.0 ** 2]
     assert loss_sum.item() == pytest.approx(sum(squared_errors) / (3 if reduction == "mean" else 1))
+
+
+def test_criterion_takes_the_configured_sum_loss():
+    overrides = ["loss.sum=mse", "model.sum_head=regression", "model.addend_dim=20", "loss.label_smoothing=0"]
+    criterion = Criterion(load_config([], overrides).loss, SumHead.regression)
+    no_digits = torch.zeros(2, 10), torch.zeros(2, dtype=torch.long)
+    scores = SumOutput(SumHead.regression)(no_digits[0], torch.tensor([[4.0], [7.0]]), no_digits[1])
+    _, _, loss_sum = criterion((no_digits[0], scores), no_digits[1], torch.tensor([6, 7]))
+    assert loss_sum.item() == pytest.approx(2.0)  # squared errors 4 and 0, averaged
 
 
 def test_criterion_weighs_the_tasks_and_smooths_only_a_free_sum():
