@@ -119,7 +119,8 @@ class TrainerConfig:
     seed: int = ranged(0, ge=0)
     epochs: int = ranged(5, ge=1)
     batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
-    eval_batch_size: int = ranged(1000, ge=1)  # global, for the test set
+    eval_batch_size: int = ranged(1000, ge=1)  # test images per evaluation batch; each rank scores whole
+    # batches in turn, the same batches on any world size, so the metrics do not depend on it
     precision: Precision = Precision.auto
     num_threads: int = ranged(0, ge=0)  # torch.set_num_threads per process (0: leave torch's default)
     resume: str = "auto"  # auto (newest good checkpoint in run.dir), never, or a checkpoint path

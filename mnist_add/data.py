@@ -234,8 +234,3 @@ class GlobalBatchSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
 
-
-def shard_batches(num_samples: int, global_batch_size: int, rank: int, world_size: int):
-    """Evaluation shards: rank r takes samples r, r + W, ... with no padding duplicates."""
-    mine = torch.arange(rank, num_samples, world_size)
-    return mine.split(max(1, global_batch_size // world_size))

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
 from mnist_add.config import ConfigError
-from mnist_add.data import (NUM_ADDENDS, Augment, DatasetError, GlobalBatchSampler, MNISTAdd,
-                            shard_batches)
+from mnist_add.data import NUM_ADDENDS, Augment, DatasetError, GlobalBatchSampler, MNISTAdd
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +185,3 @@ def test_global_batch_must_divide_over_ranks(train_set):
     with pytest.raises(ConfigError, match="multiple of 3"):
         GlobalBatchSampler(train_set, 32, 3, 0, seed=0)
 
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_evaluation_shards_cover_each_sample_once(world_size):
-    shards = [torch.cat(shard_batches(1001, 100, r, world_size)) for r in range(world_size)]
-    assert torch.equal(torch.cat(shards).sort().values, torch.arange(1001))

@@ -105,7 +105,7 @@ def test_sharded_evaluation_counts_do_not_depend_on_the_world_size(uninterrupted
         assert other["pairs"] == 10_000
         for key in ("acc_digit", "acc_sum", "acc_both", "acc_sum_given_digit"):
             assert other[key] == results[0][key], key  # ratios of identical integer counts
-        assert other["loss_sum"] == pytest.approx(results[0]["loss_sum"], rel=1e-6)
+        assert other["loss_sum"] == results[0]["loss_sum"] and other["loss_digit"] == results[0]["loss_digit"]
 
 
 def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted, data_root, tmp_path):
