@@ -1,8 +1,10 @@
 import errno
 import http.server
+import math
 import shutil
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
 from mnist_add.config import ConfigError
-from mnist_add.data import NUM_ADDENDS, Augment, DatasetError, GlobalBatchSampler, MNISTAdd
+from mnist_add.data import MEAN, NUM_ADDENDS, STD, Augment, DatasetError, GlobalBatchSampler, MNISTAdd
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +187,48 @@ def test_global_batch_must_divide_over_ranks(train_set):
     with pytest.raises(ConfigError, match="multiple of 3"):
         GlobalBatchSampler(train_set, 32, 3, 0, seed=0)
 
+
+
+def test_batches_are_normalised_as_the_seed_did(train_set):
+    images = train_set.batch(torch.tensor([0, 5])).images
+    expected = (train_set.data[[0, 5]].float() / 255 - MEAN) / STD
+    assert torch.allclose(images[:, 0], expected, atol=1e-5)
+
+
+def test_a_shift_of_one_pixel_moves_the_image_by_one_pixel():
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 10:14, 10:14] = 255
+    one_px = Augment(max_rotation_deg=0, max_shift_px=1, max_scale_delta=0)
+    warps = torch.tensor([[0.0, one_px.max_shift, 0.0, 1.0]])  # the largest shift the draw allows, along x
+    moved = Augment.apply(image, warps)[0, 0]
+    assert torch.allclose(moved[10:14, 9:13], torch.full((4, 4), 255.0), atol=1e-3)  # content one column left
+    assert moved[10:14, 13].abs().max() < 1e-3
+
+
+def test_draws_stay_within_the_configured_ranges():
+    augment = Augment(max_rotation_deg=10, max_shift_px=2, max_scale_delta=0.1)
+    angle, tx, ty, scale = augment.draw(10_000, torch.Generator().manual_seed(0)).unbind(1)
+    assert angle.abs().max() <= math.radians(10) and angle.abs().max() > math.radians(9.9)
+    assert tx.abs().max() <= 2 * 2 / 28 and ty.abs().max() > 2 * 2 / 28 * 0.99
+    assert (scale - 1).abs().max() <= 0.1 and (scale - 1).abs().max() > 0.099
+
+
+@pytest.mark.parametrize("corruption", ["label", "count"])
+def test_loaded_files_with_a_bad_label_or_count_are_refused(data_root, tmp_path, corruption):
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(Path(data_root) / "MNIST" / "raw", raw)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    content = bytearray(labels.read_bytes())
+    if corruption == "label":
+        content[8] = 10  # the first label: a digit that does not exist
+    else:
+        content = content[:-1]  # one label short
+        content[4:8] = (9_999).to_bytes(4, "big")
+    labels.write_bytes(bytes(content))
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        MNISTAdd(str(tmp_path), train=False)
+
+
+def test_one_global_batch_may_take_the_whole_dataset(train_set):
+    sampler = GlobalBatchSampler(train_set, len(train_set), 1, 0, seed=0)
+    assert sampler.steps_per_epoch == 1 and len(next(iter(sampler))) == len(train_set)
