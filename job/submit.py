@@ -17,16 +17,16 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import submitit
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from job import sweep
-from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged
+from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged, training_config
 from mnist_add.rundir import RunDirError
 from mnist_add.train import setup_logging, train
 
@@ -61,14 +61,6 @@ class JobConfig:
 @dataclass
 class SubmitConfig(Config):
     job: JobConfig = field(default_factory=JobConfig)
-
-
-def training_config(cfg: DictConfig) -> DictConfig:
-    """The training sections alone: checkpoints and W&B then hold exactly a training config."""
-    train_cfg = OmegaConf.merge(OmegaConf.structured(Config),
-                                OmegaConf.masked_copy(cfg, [f.name for f in fields(Config)]))
-    OmegaConf.set_readonly(train_cfg, True)
-    return train_cfg
 
 
 def nccl_failure_env(run_dir: str) -> dict[str, str]:

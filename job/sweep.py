@@ -14,13 +14,13 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mnist_add.compare import SLURM_STATUS, SWEEP_INDEX, is_running, read_index, slurm_states
-from mnist_add.config import Config, ConfigError, load_config
+from mnist_add.config import ConfigError, load_config, training_config
 from mnist_add.rundir import completed_run
 
 UNSWEPT_PREFIXES = ("run.", "job.")  # one run directory per member; one array shares one set of SLURM settings
@@ -97,11 +97,6 @@ def parse_max_array_size(scontrol_config: str) -> int:
     return int(found.group(1))
 
 
-def training_sections(cfg: DictConfig) -> DictConfig:
-    """What the run directory's config.yaml holds: the config without the launcher's job section."""
-    return OmegaConf.masked_copy(cfg, [spec.name for spec in fields(Config)])
-
-
 def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: type,
          job_states=slurm_states) -> SweepPlan:
     """The members of the sweep and which of them to run: finished ones are skipped, and so are those whose job
@@ -118,7 +113,7 @@ def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: 
     states = job_states(sorted(jobs[m.name] for m in members if m.name in jobs))
     to_run, finished, running = [], [], []
     for member in members:
-        if completed_run(training_sections(member.cfg)) is not None:
+        if completed_run(training_config(member.cfg)) is not None:
             finished.append(member)
         elif is_running(Path(member.cfg.run.dir)) or \
                 SLURM_STATUS.get(states.get(jobs.get(member.name, ""), "")) in ("running", "pending"):

@@ -265,6 +265,15 @@ def parse_args(argv: list[str] | None, description: str) -> DictConfig:
     return load_config(args.config, args.overrides)
 
 
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The training sections of a launcher's config (which adds its own, e.g. `job`), read-only: checkpoints,
+    config.yaml and W&B then hold exactly a training config."""
+    train_cfg = OmegaConf.merge(OmegaConf.structured(Config),
+                                OmegaConf.masked_copy(cfg, [spec.name for spec in dataclasses.fields(Config)]))
+    OmegaConf.set_readonly(train_cfg, True)
+    return train_cfg
+
+
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python (enums as their names), for JSON, W&B and checkpoints."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

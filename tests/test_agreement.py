@@ -1,6 +1,5 @@
 """The ranks agree on stops and divergence without reading the device every step."""
 
-import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 

@@ -144,4 +144,4 @@ def test_auto_resume_skips_every_bad_file_for_an_older_one(kind, make_cfg, tmp_p
     bad = make_bad(kind, tmp_path / "run/checkpoints/step-00000012.pt")
     summary = train(make_cfg())
     assert summary["resumed_from"].endswith("step-00000008.pt") and summary["status"] == "completed"
-    assert f"skipping checkpoint: " in caplog.text and str(bad) in caplog.text
+    assert "skipping checkpoint: " in caplog.text and str(bad) in caplog.text

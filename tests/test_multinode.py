@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, TORCHRUN_SIGNALS, newest_step, run_module, subprocess_env, torchrun, wait_until,
-                      worker_pid)
+from conftest import REPO, TORCHRUN_SIGNALS, newest_step, run_module, subprocess_env, torchrun, wait_until
 from test_slurm import LONG, assert_bitwise_equal, final_weights, job_id, sacct_states, summary, wait_for_job_end
 
 HOLD_AT = {"MNIST_ADD_TEST_HOLD_AT": "16"}  # the job holds after its checkpoint at step 16 until asked to stop

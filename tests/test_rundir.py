@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, newest_step, run_module, start_and_wait_for_checkpoint, subprocess_env
 from mnist_add import checkpoint

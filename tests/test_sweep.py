@@ -14,7 +14,7 @@ from test_slurm import slurm_cluster  # noqa: F401 (a fixture: a cluster answers
 from job import sweep
 from job.submit import SubmitConfig, main
 from mnist_add.compare import slurm_states
-from mnist_add.config import ConfigError
+from mnist_add.config import ConfigError, training_config
 from mnist_add.rundir import RunDirLock
 
 AXES = ["model.heads=joint,separate", "trainer.seed=0,1,2"]
@@ -97,7 +97,7 @@ def test_finished_members_are_skipped_and_unfinished_or_changed_ones_run(tmp_pat
     first = plan(tmp_path)
     for member in first.to_run[:3]:  # what a launch leaves: the resolved config, then the summary
         Path(member.cfg.run.dir).mkdir(parents=True)
-        (Path(member.cfg.run.dir) / "config.yaml").write_text(OmegaConf.to_yaml(sweep.training_sections(member.cfg)))
+        (Path(member.cfg.run.dir) / "config.yaml").write_text(OmegaConf.to_yaml(training_config(member.cfg)))
     write_summary(Path(first.to_run[0].cfg.run.dir))
     write_summary(Path(first.to_run[1].cfg.run.dir), status="stopped")
     again = plan(tmp_path)
