@@ -35,7 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME
+from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, flatten
 from mnist_add.tracking import read_metrics
 
 SEED_KEY = "trainer.seed"
@@ -114,16 +114,6 @@ def member_dirs(path: Path) -> list[Path]:
         raise CompareError(f"{path} holds no run: expected a run directory (with {CONFIG_NAME} or {SUMMARY_NAME}) "
                            f"or a sweep directory of them")
     return members
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
 
 
 def is_running(path: Path) -> bool:

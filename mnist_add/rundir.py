@@ -98,20 +98,21 @@ def completed_run(cfg: DictConfig) -> dict | None:
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "completed":
         return None
-    saved = _flat(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
-    ours = _flat(to_dict(cfg))
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
+    ours = flatten(to_dict(cfg))
     same = all(saved.get(key) == ours.get(key) for key in set(saved) | set(ours)
                if not key.startswith(OPERATIONAL_KEYS))
     return summary if same else None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"section.key": value}, lists as tuples (hashable, for grouping)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return flat
 
 
