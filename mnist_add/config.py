@@ -79,6 +79,8 @@ class DataConfig:
     max_rotation_deg: float = ranged(10.0, ge=0, le=180)
     max_shift_px: float = ranged(2.0, ge=0, le=14)
     max_scale_delta: float = ranged(0.1, ge=0, lt=1)  # scale drawn from [1 - d, 1 + d]
+    max_elastic_px: float = ranged(0.0, ge=0, le=14)  # elastic warps: control-point offsets drawn from [-d, d] px
+    # (0: none)
     on_device: bool = True  # keep the uint8 dataset on the GPU when training on CUDA
 
 
@@ -88,6 +90,7 @@ class ModelConfig:
     heads: Heads = Heads.separate  # how a free sum head sits next to the digit head
     sum_head: SumHead = SumHead.structured
     width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
+    hidden: int = ranged(128, ge=1)  # convnet: width of the hidden layer between the features and the heads
     addend_dim: int = ranged(0, ge=0)  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
     # structured sum head sees the addend; free and regression heads need it > 0, the seed used 20)
     channels_last: bool = True  # memory format of conv activations (faster on CPU and GPU)

@@ -128,26 +128,47 @@ class MNISTAdd(MNIST):
         return images[0], int(digits[0]), int(addends[0]), int(sums[0])
 
 
-class Augment:
-    """Random affine warps (rotation, shift, scale) drawn per sample and applied to whole batches."""
+ELASTIC_GRID = 4  # control points per side of an elastic displacement field: bends about 9 px across
 
-    def __init__(self, max_rotation_deg: float, max_shift_px: float, max_scale_delta: float):
+
+class Augment:
+    """Random warps drawn per sample and applied to whole batches: an affine map (rotation, shift,
+    scale), and optionally an elastic displacement of every pixel.
+
+    Simard et al. (2003) make the elastic field by smoothing per-pixel noise with a Gaussian; here it
+    is the bicubic interpolation of random offsets at ELASTIC_GRID x ELASTIC_GRID control points,
+    an equally smooth field from 32 numbers per sample, small enough to draw for every sample.
+    """
+
+    def __init__(self, max_rotation_deg: float, max_shift_px: float, max_scale_delta: float,
+                 max_elastic_px: float = 0.0):
         self.max_rotation = math.radians(max_rotation_deg)
         self.max_shift = 2 * max_shift_px / IMAGE_SHAPE[0]  # affine_grid works in [-1, 1] coordinates
         self.max_scale_delta = max_scale_delta
+        self.max_elastic = 2 * max_elastic_px / IMAGE_SHAPE[0]
 
     def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """[n, 4]: rotation (rad), shift x, shift y, scale for n samples."""
+        """[n, 4] or, with elastic warps, [n, 4 + 2 * ELASTIC_GRID**2]: rotation (rad), shift x, shift y,
+        scale, then the control points' x and y offsets. The affine columns are drawn first, so that
+        they are the same with and without elastic warps."""
         u = torch.rand(n, 4, generator=gen) * 2 - 1
-        return u * torch.tensor([self.max_rotation, self.max_shift, self.max_shift, self.max_scale_delta]) \
+        affine = u * torch.tensor([self.max_rotation, self.max_shift, self.max_shift, self.max_scale_delta]) \
             + torch.tensor([0.0, 0.0, 0.0, 1.0])
+        if not self.max_elastic:
+            return affine
+        offsets = (torch.rand(n, 2 * ELASTIC_GRID ** 2, generator=gen) * 2 - 1) * self.max_elastic
+        return torch.cat([affine, offsets], dim=1)
 
     @staticmethod
     def apply(images: torch.Tensor, warps: torch.Tensor) -> torch.Tensor:
-        angle, tx, ty, scale = warps.unbind(1)
+        angle, tx, ty, scale = warps[:, :4].unbind(1)
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        if warps.shape[1] > 4:
+            offsets = warps[:, 4:].reshape(-1, 2, ELASTIC_GRID, ELASTIC_GRID)
+            displacement = F.interpolate(offsets, size=images.shape[-2:], mode="bicubic", align_corners=True)
+            grid = grid + displacement.permute(0, 2, 3, 1)  # [B, H, W, (x, y)], as the grid
         return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
 
 

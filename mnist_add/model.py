@@ -108,7 +108,7 @@ def build_model(cfg: ModelConfig) -> AddNet:
         model = AddNet(features, num_features, [212, 100], cfg)
     else:
         features, num_features = convnet_features(cfg.width)
-        model = AddNet(features, num_features, [128], cfg)
+        model = AddNet(features, num_features, [cfg.hidden], cfg)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 

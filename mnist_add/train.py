@@ -231,7 +231,8 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
 
 
 def build_datasets(cfg: DataConfig, seed: int, device: torch.device) -> tuple[MNISTAdd, MNISTAdd]:
-    augment = Augment(cfg.max_rotation_deg, cfg.max_shift_px, cfg.max_scale_delta) if cfg.augment else None
+    augment = Augment(cfg.max_rotation_deg, cfg.max_shift_px, cfg.max_scale_delta, cfg.max_elastic_px) \
+        if cfg.augment else None
     train_set = MNISTAdd(cfg.root, train=True, download=cfg.download, seed=seed,
                          num_samples=cfg.train_samples, augment=augment)
     test_set = MNISTAdd(cfg.root, train=False, download=False, num_samples=cfg.test_samples)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
 from mnist_add.config import ConfigError
-from mnist_add.data import MEAN, NUM_ADDENDS, STD, Augment, DatasetError, GlobalBatchSampler, MNISTAdd
+from mnist_add.data import ELASTIC_GRID, MEAN, NUM_ADDENDS, STD, Augment, DatasetError, GlobalBatchSampler, MNISTAdd
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,9 @@ def test_test_addends_never_change(data_root):
     assert torch.bincount(a.addends()).min() > 900
 
 
-def test_augmentation_is_deterministic_and_changes_images(data_root):
-    aug = Augment(10, 2, 0.1)
+@pytest.mark.parametrize("max_elastic_px", [0.0, 2.0])
+def test_augmentation_is_deterministic_and_changes_images(data_root, max_elastic_px):
+    aug = Augment(10, 2, 0.1, max_elastic_px)
     first = MNISTAdd(data_root, train=True, seed=3, num_samples=64, augment=aug).batch(torch.arange(64))
     second = MNISTAdd(data_root, train=True, seed=3, num_samples=64, augment=aug).batch(torch.arange(64))
     plain = MNISTAdd(data_root, train=True, seed=3, num_samples=64).batch(torch.arange(64))
@@ -203,6 +204,26 @@ def test_a_shift_of_one_pixel_moves_the_image_by_one_pixel():
     moved = Augment.apply(image, warps)[0, 0]
     assert torch.allclose(moved[10:14, 9:13], torch.full((4, 4), 255.0), atol=1e-3)  # content one column left
     assert moved[10:14, 13].abs().max() < 1e-3
+
+
+def test_a_uniform_elastic_offset_moves_the_image_as_the_same_shift_does():
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 8:20, 11:15] = 255
+    elastic = Augment(max_rotation_deg=0, max_shift_px=0, max_scale_delta=0, max_elastic_px=1)
+    offsets = torch.cat([torch.full((ELASTIC_GRID ** 2,), elastic.max_elastic), torch.zeros(ELASTIC_GRID ** 2)])
+    bent = elastic.apply(image, torch.cat([torch.tensor([0.0, 0.0, 0.0, 1.0]), offsets])[None])
+    shifted = Augment.apply(image, torch.tensor([[0.0, 2 / 28, 0.0, 1.0]]))  # one pixel along x
+    assert torch.allclose(bent, shifted, atol=1e-3) and not torch.allclose(bent, image)
+
+
+def test_elastic_offsets_are_drawn_after_and_apart_from_the_affine_warps():
+    affine = Augment(10, 2, 0.1).draw(10_000, torch.Generator().manual_seed(0))
+    both = Augment(10, 2, 0.1, max_elastic_px=3).draw(10_000, torch.Generator().manual_seed(0))
+    assert affine.shape == (10_000, 4) and both.shape == (10_000, 4 + 2 * ELASTIC_GRID ** 2)
+    assert torch.equal(both[:, :4], affine)  # the affine-only recipe draws what it always drew
+    offsets = both[:, 4:]
+    assert offsets.abs().max() <= 2 * 3 / 28 and offsets.abs().max() > 2 * 3 / 28 * 0.99
+    assert offsets.mean().abs() < 0.01 and offsets[:, 0].std() > 0.1  # centred, and drawn per sample
 
 
 def test_draws_stay_within_the_configured_ranges():
