@@ -4,6 +4,8 @@
     python -m job.submit --config debug job.cluster=local job.tasks_per_node=2 --wait
     python -m job.submit --sweep model.heads=joint,separate trainer.seed=0,1,2 [--config F] [key=value ...]
 
+After --sweep, an item with one value (key=value) is a plain override, as before it.
+
 One SLURM task per GPU (or per CPU worker), each task one rank; every task runs the same
 `mnist_add.train.train(cfg)` as the command line. On the preemption or time-limit signal the
 ranks stop together at a step boundary with a checkpoint, and the job is requeued; it then
@@ -168,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="one run per combination of the values, under run.dir, as SLURM job arrays")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, schema=SubmitConfig)
+        axes, trailing = sweep.separate_overrides(args.sweep)
+        overrides = [*args.overrides, *trailing]
+        cfg = load_config(args.config, overrides, schema=SubmitConfig)
         validate(cfg.job)
-        sweep_plan = sweep.plan(args.config, args.overrides, args.sweep, SubmitConfig) if args.sweep else None
+        sweep_plan = sweep.plan(args.config, overrides, axes, SubmitConfig) if axes else None
     except (ConfigError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -42,6 +42,17 @@ class SweepPlan:
     running: list[Member]  # a job holds their run directory now, or their SLURM job is queued or running: skipped
 
 
+def separate_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """What follows --sweep -> (axes, plain overrides): `--sweep model.heads=joint,separate trainer.epochs=2` sweeps
+    the heads, and every member trains 2 epochs. An item with one value varies nothing: it is an override."""
+    overrides = [item for item in items if re.fullmatch(r"[^=,]+=[^,]+", item)]
+    axes = [item for item in items if item not in overrides]
+    if items and not axes:
+        raise ConfigError(f"--sweep {' '.join(items)} varies nothing; give a key two or more values, e.g. "
+                          f"trainer.seed=0,1,2")
+    return axes, overrides
+
+
 def parse_axes(specs: list[str]) -> dict[str, list[str]]:
     """`key=v1,v2,...` items -> {key: [v1, v2, ...]}, in the order given."""
     axes: dict[str, list[str]] = {}

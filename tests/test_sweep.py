@@ -25,6 +25,11 @@ def test_the_product_of_the_lists_is_every_member_last_key_fastest():
     assert members == [{"model.heads": h, "trainer.seed": s} for h in ("joint", "separate") for s in "012"]
 
 
+def test_one_valued_items_after_sweep_are_plain_overrides():
+    assert sweep.separate_overrides([*AXES, "trainer.epochs=2", "job.array_parallelism=1", "trainer.seed="]) == \
+        ([*AXES, "trainer.seed="], ["trainer.epochs=2", "job.array_parallelism=1"])  # an empty value: refused later
+
+
 @pytest.mark.parametrize("assignment, name", [
     ({"model.heads": "joint", "trainer.seed": "0"}, "heads-joint_seed-0"),
     ({"loss.sum": "ce", "loss.weights.sum": "0.5"}, "loss-sum-ce_loss-weights-sum-0.5"),  # same last part
@@ -121,6 +126,7 @@ def test_a_member_whose_run_dir_is_held_by_a_job_is_not_submitted_again(tmp_path
     (["--sweep", "trainer.sed=0,1"], "did you mean trainer.seed?"),
     (["--sweep", "trainer.seed="], "empty value"),
     (["--sweep", "trainer.seed=0,zero"], "could not be converted to Integer (at trainer.seed)"),
+    (["--sweep", "trainer.seed=0", "trainer.epochs=2"], "varies nothing; give a key two or more values"),
 ])
 def test_bad_sweep_syntax_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert main(["--config", "debug", f"run.dir={tmp_path}", *argv]) == 2
@@ -130,8 +136,8 @@ def test_bad_sweep_syntax_is_one_line_and_exit_2(tmp_path, capsys, argv, message
 
 def test_a_local_sweep_runs_every_member_and_a_second_submission_runs_none(tmp_path, data_root, capsys):
     args = ["--config", "debug", f"run.dir={tmp_path / 'sw'}", f"data.root={data_root}", "trainer.max_steps=2",
-            "trainer.num_threads=1", "data.test_samples=32", "job.cluster=local", "job.array_parallelism=2",
-            "--sweep", "trainer.seed=0,1"]
+            "trainer.num_threads=1", "data.test_samples=32", "job.cluster=local",
+            "--sweep", "trainer.seed=0,1", "job.array_parallelism=2"]  # a plain override after the axes
     first = run_module("job.submit", *args, "--wait", timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sweep sw: 2 to run, 0 finished" in first.stdout and "seed-1: job" in first.stdout
