@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_module, wait_until
-from test_slurm import slurm_cluster  # noqa: F401 (a fixture: a cluster answers, or the test fails in CI)
+from conftest import REPO, newest_step, run_module, wait_until
+from test_slurm import (HOLD_AT, LONG, assert_bitwise_equal, expected_fingerprint, final_weights, sacct_states,
+                        slurm_cluster, summary)  # noqa: F401 (slurm_cluster: a fixture)
 from job import sweep
 from job.submit import SubmitConfig, main
 from mnist_add.compare import slurm_states
@@ -197,6 +198,52 @@ def test_a_sweep_on_slurm_runs_as_arrays_and_a_resubmission_reruns_only_the_unfi
     assert json.loads((sweep_dir / "sweep.json").read_text())["members"]["heads-separate_seed-0"] == {"job_id": rerun}
     finished.pop("heads-separate_seed-0")
     assert {name: (sweep_dir / name / "summary.json").stat().st_mtime_ns for name in finished} == finished  # not rerun
+
+
+def running_tasks(job: str) -> dict[str, str]:
+    """{task id: node} of the job's running tasks."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-t", "R", "-o", "%i %N"], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def test_an_array_member_preempted_by_urgent_resumes_bitwise_equal_and_the_others_run_once(
+        slurm_cluster, data_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    sweep_dir, release = tmp_path / "sw", tmp_path / "release"
+    cpus = subprocess.run(["sinfo", "-h", "-n", "node1", "-o", "%c"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    # Each member takes a whole node, so two run at once, one per node; each holds after its checkpoint
+    # at step 16 until it is asked to stop or `release` exists.
+    result = run_module("job.submit", *LONG, f"data.root={data_root}", f"run.dir={sweep_dir}", "wandb.mode=disabled",
+                        "job.cluster=slurm", f"job.cpus_per_task={cpus}", "--sweep", "trainer.seed=0,1,2,3",
+                        env={**HOLD_AT, "MNIST_ADD_TEST_RELEASE": str(release)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    array = re.search(r"submitted array\(s\) (\d+)\n", result.stdout).group(1)
+    members = {info["job_id"]: name for name, info in json.loads((sweep_dir / "sweep.json").read_text())["members"].items()}
+    held = wait_until(lambda: len(r := running_tasks(array)) == 2 and
+                      all(newest_step(sweep_dir / members[task]) >= 16 for task in r) and r, "two members to hold")
+    victim = next(task for task, node in held.items() if node == "node1")  # urgent holds node1 alone
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", cpus, "--output=/dev/null", "--wrap", "true"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    wait_until(lambda: sacct_states(urgent)[-1:] == ["COMPLETED"], "the urgent job to run and end")
+    release.touch()
+
+    assert wait_for_tasks(array, 4) == {f"{array}_{i}": "COMPLETED" for i in range(4)}
+    runs = {task: sacct_states(task) for task in members}
+    assert runs.pop(victim)[0] in ("PREEMPTED", "REQUEUED") and all(r == ["COMPLETED"] for r in runs.values()), runs
+    reference = tmp_path / "reference"
+    seed = members[victim].rpartition("-")[2]
+    done = run_module("mnist_add.train", *LONG, f"data.root={data_root}", f"run.dir={reference}", "wandb.mode=disabled",
+                      f"trainer.seed={seed}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary(sweep_dir / members[victim])["resumed_from"] is not None
+    assert_bitwise_equal(final_weights(sweep_dir / members[victim]), final_weights(reference))
+    for task in runs:  # the others: never stopped, every batch of their own sequence trained on once
+        seed = members[task].rpartition("-")[2]
+        assert summary(sweep_dir / members[task])["resumed_from"] is None
+        assert summary(sweep_dir / members[task])["fingerprint"] == expected_fingerprint(
+            data_root, "data.train_samples=1024", "trainer.epochs=2", f"trainer.seed={seed}")
 
 
 def test_record_jobs_adds_to_the_sweep_index(tmp_path):
