@@ -24,6 +24,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -141,15 +142,31 @@ def read_index(sweep_dir: Path) -> dict[str, str]:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """{job id: its SLURM state now}, from sacct; empty where SLURM does not answer."""
+    """{job id: its SLURM state now}, from sacct; empty where SLURM does not answer. Asked by array (sacct
+    shows an array's pending tasks only as one line of the array, such as `7_[2-5%2]`)."""
     if not job_ids:
         return {}
+    arrays = ",".join(dict.fromkeys(job.split("_")[0] for job in job_ids))
     try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", arrays],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {job: state.split()[0] for job, state in (line.split("|", 1) for line in out.splitlines() if "|" in line)}
+    states = {task: state.split()[0] for job, state in (line.split("|", 1) for line in out.splitlines() if "|" in line)
+              for task in array_tasks(job)}
+    return {job: states[job] for job in job_ids if job in states}
+
+
+def array_tasks(job: str) -> list[str]:
+    """sacct's job ids, one line of pending array tasks made into the tasks: `7_[2-4,6%2]` -> 7_2, 7_3, 7_4, 7_6."""
+    found = re.fullmatch(r"(\d+)_\[([\d,-]+)(?:%\d+)?\]", job)
+    if found is None:
+        return [job]
+    tasks = []
+    for part in found.group(2).split(","):
+        first, _, last = part.partition("-")
+        tasks += [f"{found.group(1)}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return tasks
 
 
 def member_status(summary: dict, lock_held: bool, slurm_state: str | None) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_module
-from mnist_add.compare import compare, curve_band, draw_accuracy, draw_curves, main, member_status
+from mnist_add.compare import compare, curve_band, draw_accuracy, draw_curves, main, member_status, slurm_states
 from mnist_add.config import load_config, to_dict
 from mnist_add.rundir import RunDirLock
 
@@ -186,3 +187,16 @@ def test_members_of_sweep_json_that_have_not_started_are_listed_apart(sweep, cap
     assert result.keys == ["model.heads"] and len(result.groups) == 2  # no group of members without a config
     assert main([str(sweep)]) == 0
     assert "unfinished: " + str(sweep / "heads-joint_seed-9") + " (left out)" in capsys.readouterr().out
+
+
+def test_pending_array_tasks_have_their_state_though_sacct_shows_them_as_one_line(monkeypatch):
+    asked = []
+
+    def sacct(command, **kwargs):
+        asked.append(command[command.index("-j") + 1])
+        return subprocess.CompletedProcess(command, 0, stdout="7_0|COMPLETED\n7_1|RUNNING\n7_[2-4,6%2]|PENDING\n"
+                                                              "9|FAILED\n")
+    monkeypatch.setattr(subprocess, "run", sacct)
+    assert slurm_states(["7_3", "7_6", "7_1", "9", "7_5"]) == {"7_3": "PENDING", "7_6": "PENDING",
+                                                                 "7_1": "RUNNING", "9": "FAILED"}
+    assert asked == ["7,9"]  # by array: `sacct -j 7_3` shows nothing while task 3 is pending
