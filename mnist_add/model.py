@@ -56,6 +56,7 @@ class AddNet(nn.Module):
         # addend_dim=0: the trunk never sees the addend; only a structured sum head uses it.
         self.addend = nn.Sequential(OneHot(NUM_ADDENDS), nn.Linear(NUM_ADDENDS, cfg.addend_dim)) \
             if cfg.addend_dim else None
+        self.dropout = nn.Dropout(cfg.dropout)
         layers, width = [], num_features + cfg.addend_dim
         for dim in mlp_dims:
             layers += [nn.Linear(width, dim), nn.ReLU(inplace=True)]
@@ -72,7 +73,7 @@ class AddNet(nn.Module):
     def forward(self, images: torch.Tensor, addends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.features(images)
+        features = self.dropout(self.features(images))
         if self.addend is not None:
             features = torch.cat([features, self.addend(addends)], dim=1)
         hidden = self.mlp(features)

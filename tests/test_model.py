@@ -147,3 +147,16 @@ def test_seed_approaches_learn_on_a_small_subset(make_cfg, heads):
 def _metrics(run_dir):
     from mnist_add.tracking import read_metrics
     return read_metrics(run_dir)
+
+
+def test_dropout_zeroes_image_features_in_training_only():
+    model = build_model(load_config([], ["model.dropout=0.5"]).model)
+    images, addends = torch.randn(8, 1, 28, 28), torch.arange(8)
+    model.train()
+    torch.manual_seed(0)
+    first = model(images, addends)[0]
+    assert not torch.equal(first, model(images, addends)[0])  # another mask
+    torch.manual_seed(0)
+    assert torch.equal(first, model(images, addends)[0])  # drawn from torch's generator: resumable with it
+    model.eval()
+    assert torch.equal(model(images, addends)[0], model(images, addends)[0])
