@@ -81,6 +81,7 @@ class DataConfig:
     max_scale_delta: float = ranged(0.1, ge=0, lt=1)  # scale drawn from [1 - d, 1 + d]
     max_elastic_px: float = ranged(0.0, ge=0, le=14)  # elastic warps: control-point offsets drawn from [-d, d] px
     # (0: none)
+    clean_epochs: int = ranged(0, ge=0)  # the last N epochs train on unwarped images, as the test images are
     on_device: bool = True  # keep the uint8 dataset on the GPU when training on CUDA
 
 

@@ -70,8 +70,8 @@ class MNISTAdd(MNIST):
         if num_samples:
             self.data, self.targets = self.data[:num_samples], self.targets[:num_samples]
         self.seed, self.augment = seed, augment if train else None
-        self.epoch = 0
-        self._per_epoch: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+        self.epoch, self.warp = 0, True
+        self._per_epoch: tuple[tuple[int, bool] | int, torch.Tensor, torch.Tensor | None] | None = None
 
     # torchvision names the folders after the class; ours reads MNIST's own files.
     @property
@@ -88,9 +88,10 @@ class MNISTAdd(MNIST):
             raise DatasetError(_corrupt(self.raw_folder, f"images {tuple(self.data.shape)}, {len(self.targets)} "
                                                          f"labels; expected {expected}"))
 
-    def set_epoch(self, epoch: int) -> None:
-        """Training addends and augmentation change with the epoch; the test split ignores it."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, warp: bool = True) -> None:
+        """Training addends and augmentation change with the epoch; `warp=False` leaves this epoch's images
+        unwarped (its addends stay what they are). The test split ignores both."""
+        self.epoch, self.warp = epoch, warp
 
     def to(self, device: torch.device) -> "MNISTAdd":
         self.data, self.targets = self.data.to(device), self.targets.to(device)
@@ -101,13 +102,13 @@ class MNISTAdd(MNIST):
         """[N] int64: the addend of every sample in the current epoch."""
         return self._epoch_tables()[1]
 
-    def _epoch_tables(self) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-        key = self.epoch if self.train else 0
+    def _epoch_tables(self) -> tuple[tuple[int, bool] | int, torch.Tensor, torch.Tensor | None]:
+        key = (self.epoch, self.warp) if self.train else 0
         if self._per_epoch is None or self._per_epoch[0] != key:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + key if self.train else TEST_ADDEND_SEED)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch if self.train else TEST_ADDEND_SEED)
             # Drawn for all 60k/10k images so that a subset sees the same addends as the full set.
             addends = torch.randint(0, NUM_ADDENDS, (self.num_total,), generator=gen)[: len(self.targets)]
-            warps = self.augment.draw(self.num_total, gen)[: len(self.targets)] if self.augment else None
+            warps = self.augment.draw(self.num_total, gen)[: len(self.targets)] if self.augment and self.warp else None
             device = self.data.device
             self._per_epoch = (key, addends.to(device), None if warps is None else warps.to(device))
         return self._per_epoch

@@ -173,7 +173,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     with logging_redirect_tqdm():  # log lines above the progress bar, not onto its line
         try:
             while not finished(progress, cfg):
-                train_set.set_epoch(progress.epoch)
+                train_set.set_epoch(progress.epoch, warp=progress.epoch < cfg.trainer.epochs - cfg.data.clean_epochs)
                 sampler.set_epoch(progress.epoch)
                 sampler.set_start_step(progress.step_in_epoch)
                 for indices in sampler:

@@ -74,6 +74,18 @@ def test_augmentation_is_deterministic_and_changes_images(data_root, max_elastic
     assert (first.images - plain.images).abs().mean() < 0.5  # warped, not destroyed
 
 
+def test_an_unwarped_epoch_has_the_plain_images_and_the_same_addends(data_root):
+    warped = MNISTAdd(data_root, train=True, seed=3, num_samples=64, augment=Augment(10, 2, 0.1))
+    warped.set_epoch(2)
+    before = warped.batch(torch.arange(64))
+    warped.set_epoch(2, warp=False)
+    clean = warped.batch(torch.arange(64))
+    plain = MNISTAdd(data_root, train=True, seed=3, num_samples=64)
+    plain.set_epoch(2)
+    assert torch.equal(clean.images, plain.batch(torch.arange(64)).images)
+    assert torch.equal(clean.addends, before.addends) and not torch.equal(clean.images, before.images)
+
+
 def test_missing_dataset_error_names_the_path_and_both_fixes(tmp_path):
     with pytest.raises(DatasetError) as err:
         MNISTAdd(str(tmp_path), train=True, download=False)
