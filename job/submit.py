@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from job import sweep
 from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged, training_config
-from mnist_add.rundir import RunDirError
+from mnist_add.rundir import RunDirError, upgraded
 from mnist_add.train import setup_logging, train
 
 
@@ -93,7 +93,7 @@ class Trainer(submitit.helpers.Checkpointable):
         if torch.cuda.is_available():
             Path(os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
         setup_logging(env.rank)
-        summary = train(self.cfg)
+        summary = train(upgraded(self.cfg))  # pickled at submission: a job queued across an upgrade still runs
         preempt_signal = submitit.JobEnvironment._usr_sig()
         if summary["status"] == "stopped" and preempt_signal.name in summary["reasons"]:
             signal.getsignal(preempt_signal)(preempt_signal, None)  # submitit: requeue, then exit

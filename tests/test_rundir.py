@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import REPO, newest_step, run_module, start_and_wait_for_checkpoint, subprocess_env
 from mnist_add import checkpoint
-from mnist_add.rundir import strict_json
+from mnist_add.config import load_config, to_dict
+from mnist_add.rundir import completed_run, strict_json
 from mnist_add.tracking import read_metrics
 from mnist_add.train import main, train
 
@@ -173,3 +175,17 @@ def test_a_read_only_run_dir_is_one_line(data_root, small_disk, capsys):
 
 def test_summary_and_metrics_are_strict_json():
     assert strict_json({"loss": float("nan"), "acc": [1.0, float("inf")]}) == '{"loss": null, "acc": [1.0, null]}'
+
+
+def test_a_run_completed_before_a_key_was_added_is_still_this_run(data_root, tmp_path):
+    cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    older = to_dict(cfg)
+    del older["model"]["dropout"]  # as an older version wrote config.yaml: without the key, which did nothing then
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    assert completed_run(cfg) == {"status": "completed"}
+    assert completed_run(load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}",
+                                                 "model.dropout=0.5"])) is None
+    older["model"]["gone"] = 1  # a key since removed: not this run
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    assert completed_run(cfg) is None
