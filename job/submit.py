@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from job import sweep
-from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged, training_config
-from mnist_add.rundir import RunDirError, upgraded
+from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged, training_config, upgraded
+from mnist_add.rundir import RunDirError
 from mnist_add.train import setup_logging, train
 
 

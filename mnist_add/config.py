@@ -91,7 +91,7 @@ class ModelConfig:
     heads: Heads = Heads.separate  # how a free sum head sits next to the digit head
     sum_head: SumHead = SumHead.structured
     width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
-    hidden: int = ranged(128, ge=1)  # convnet: width of the hidden layer between the features and the heads
+    hidden: int = ranged(64, ge=1)  # convnet: width of the hidden layer between the features and the heads
     dropout: float = ranged(0.0, ge=0, lt=1)  # share of the image features zeroed in training, before the hidden layer
     addend_dim: int = ranged(0, ge=0)  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
     # structured sum head sees the addend; free and regression heads need it > 0, the seed used 20)
@@ -122,7 +122,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     seed: int = ranged(0, ge=0)
-    epochs: int = ranged(5, ge=1)
+    epochs: int = ranged(9, ge=1)
     batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
     eval_batch_size: int = ranged(1000, ge=1)  # test images per evaluation batch; each rank scores whole
     # batches in turn, the same batches on any world size, so the metrics do not depend on it
@@ -277,6 +277,19 @@ def training_config(cfg: DictConfig) -> DictConfig:
                                 OmegaConf.masked_copy(cfg, [spec.name for spec in dataclasses.fields(Config)]))
     OmegaConf.set_readonly(train_cfg, True)
     return train_cfg
+
+
+# What a config written before a key existed computed with, where that differs from the key's default today.
+BEFORE_KEYS_EXISTED = {"model": {"hidden": 128}}
+
+
+def upgraded(saved: DictConfig | dict) -> DictConfig:
+    """A training config written by an older version (a config.yaml, a checkpoint's, a queued job's) under today's
+    schema, read-only: a key added since takes the value the code had before it. A key since removed raises
+    OmegaConfBaseException."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), BEFORE_KEYS_EXISTED, saved)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -14,11 +14,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_add import checkpoint, distributed
-from mnist_add.config import Config, DistConfig, SumLoss
+from mnist_add.config import DistConfig, SumLoss, upgraded
 from mnist_add.data import NUM_ADDENDS, NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime, all_reduce_sum
 from mnist_add.model import NUM_DIGITS, AddNet, build_model, task_losses
@@ -105,7 +105,7 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[AddNet, D
     """The model stored in a checkpoint, in eval mode, and the config it was trained with."""
     state = checkpoint.load(path, keys=checkpoint.MODEL_KEYS)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), state[checkpoint.CONFIG])
+        cfg = upgraded(state[checkpoint.CONFIG])
         model = build_model(cfg.model)
         model.load_state_dict(state[checkpoint.MODEL])
     except (RuntimeError, ValueError, TypeError, AttributeError, OmegaConfBaseException) as err:

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_add.config import Config, to_dict
+from mnist_add.config import to_dict, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,14 @@ def completed_run(cfg: DictConfig) -> dict | None:
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "completed":
         return None
-    saved = flatten(to_dict(upgraded(OmegaConf.load(config_path)))) if config_path.is_file() else {}
+    try:
+        saved = flatten(to_dict(upgraded(OmegaConf.load(config_path)))) if config_path.is_file() else {}
+    except OmegaConfBaseException:  # written with a key this version no longer has: another run
+        return None
     ours = flatten(to_dict(cfg))
     same = all(saved.get(key) == ours.get(key) for key in set(saved) | set(ours)
                if not key.startswith(OPERATIONAL_KEYS))
     return summary if same else None
-
-
-def upgraded(saved: DictConfig) -> DictConfig:
-    """A config written by an older version, under today's schema: keys added since take their defaults, which
-    keep what the code did before them. One that today's schema refuses (a key since removed) stays as it was."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except OmegaConfBaseException:
-        return saved
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

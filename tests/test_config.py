@@ -2,7 +2,9 @@ import re
 
 import pytest
 
-from mnist_add.config import Arch, ConfigError, load_config
+from omegaconf.errors import OmegaConfBaseException
+
+from mnist_add.config import Arch, ConfigError, load_config, to_dict, upgraded
 
 
 def test_yaml_files_then_command_line_override_the_defaults():
@@ -88,3 +90,21 @@ def test_the_data_root_comes_from_the_environment_as_for_the_tests(monkeypatch):
     monkeypatch.setenv("MNIST_ADD_DATA_ROOT", "/mnt/mnist")
     assert load_config([], []).data.root == "/mnt/mnist"
     assert load_config([], ["data.root=/elsewhere"]).data.root == "/elsewhere"  # the command line still wins
+
+
+def test_a_config_from_before_a_key_existed_reads_as_the_code_then_computed():
+    old = to_dict(load_config([], []))
+    del old["model"]["hidden"], old["model"]["dropout"]  # written before either existed: 128 wide, no dropout
+    cfg = upgraded(old)
+    assert cfg.model.hidden == 128 and cfg.model.dropout == 0.0 and cfg.model.hidden != load_config([], []).model.hidden
+    assert upgraded(to_dict(load_config([], ["model.hidden=32"]))).model.hidden == 32  # what it says wins
+    with pytest.raises(OmegaConfBaseException):
+        upgraded({**old, "model": {**old["model"], "gone": 1}})
+
+
+def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_width_and_length():
+    schema, default = to_dict(load_config([], [])), to_dict(load_config(["default"], []))
+    assert default == schema
+    fast = to_dict(load_config(["fast"], []))
+    assert {(s, k) for s in fast for k in fast[s] if fast[s][k] != schema[s][k]} == \
+        {("run", "dir"), ("model", "hidden"), ("trainer", "epochs")}
