@@ -93,11 +93,17 @@ def seed_features() -> tuple[nn.Module, int]:
     ), 192
 
 
-def convnet_features(width: int) -> tuple[nn.Module, int]:
-    """Three conv-BN-ReLU-pool blocks (28 -> 14 -> 7 -> 3), widths w, 2w, 4w, flattened: 36w features."""
+def convnet_features(width: int, pool_first: bool) -> tuple[nn.Module, int]:
+    """Three conv-BN-ReLU-pool blocks (28 -> 14 -> 7 -> 3), widths w, 2w, 4w, flattened: 36w features.
+
+    pool_first pools each conv's output before BatchNorm and ReLU: max-pooling commutes with ReLU and
+    with a BatchNorm of positive scale, so the network is nearly the same one, and normalising a quarter
+    of the activations makes a training step about a fifth faster on CPU.
+    """
     def block(cin: int, cout: int, kernel: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        conv, pool = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.MaxPool2d(2)
+        norm = [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return [conv, pool, *norm] if pool_first else [conv, *norm, pool]
     return nn.Sequential(
         *block(1, width, 5), *block(width, 2 * width, 3), *block(2 * width, 4 * width, 3), nn.Flatten(),
     ), 4 * width * 3 * 3
@@ -108,7 +114,7 @@ def build_model(cfg: ModelConfig) -> AddNet:
         features, num_features = seed_features()
         model = AddNet(features, num_features, [212, 100], cfg)
     else:
-        features, num_features = convnet_features(cfg.width)
+        features, num_features = convnet_features(cfg.width, cfg.pool_first)
         model = AddNet(features, num_features, [cfg.hidden], cfg)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 

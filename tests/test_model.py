@@ -62,16 +62,38 @@ def test_seed_features_are_the_classroom_convolutions():
     assert features(torch.zeros(2, 1, 28, 28)).shape == (2, num_features) == (2, 192)
 
 
-def test_convnet_features_are_three_same_size_conv_bn_relu_pool_blocks():
-    features, num_features = convnet_features(width=4)
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_convnet_features_are_three_same_size_conv_bn_relu_pool_blocks(pool_first):
+    features, num_features = convnet_features(width=4, pool_first=pool_first)
     blocks = [list(features[i:i + 4]) for i in range(0, 12, 4)]
-    for (conv, norm, relu, pool), (cin, cout, kernel) in zip(blocks, [(1, 4, 5), (4, 8, 3), (8, 16, 3)]):
+    for block, (cin, cout, kernel) in zip(blocks, [(1, 4, 5), (4, 8, 3), (8, 16, 3)]):
+        conv, pool, norm, relu = block if pool_first else (block[0], block[3], block[1], block[2])
         assert (type(norm), type(relu), type(pool)) == (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d)
         # "Same" padding, and no bias: BatchNorm's shift would cancel it.
         assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == \
             (cin, cout, (kernel, kernel), (kernel // 2, kernel // 2))
         assert conv.bias is None
     assert features(torch.zeros(2, 1, 28, 28)).shape == (2, num_features) == (2, 16 * 3 * 3)
+
+
+def test_pooling_first_computes_the_same_features_when_every_batchnorm_scale_is_positive():
+    torch.manual_seed(0)
+    (after, _), (first, _) = convnet_features(4, pool_first=False), convnet_features(4, pool_first=True)
+    for layer in after:
+        if isinstance(layer, nn.BatchNorm2d):  # trained-looking statistics, positive scales
+            layer.running_mean.normal_(), layer.running_var.uniform_(0.5, 2), layer.bias.data.normal_()
+            layer.weight.data.uniform_(0.5, 2)
+    # Same layers, another order: each block's (conv, norm, relu, pool) is (conv, pool, norm, relu).
+    first.load_state_dict({_pool_first_name(name): value for name, value in after.state_dict().items()})
+    images = torch.randn(8, 1, 28, 28)
+    assert torch.equal(after.eval()(images), first.eval()(images))
+    after[1].weight.data[0] = first[2].weight.data[0] = -1.0  # pooling after it now takes the minimum
+    assert not torch.equal(after(images), first(images))
+
+
+def _pool_first_name(name: str) -> str:
+    index, rest = name.split(".", 1)
+    return f"{int(index) + 1}.{rest}" if int(index) % 4 == 1 else name
 
 
 def test_task_losses_smooth_each_task_with_its_own_amount():
