@@ -93,6 +93,7 @@ class ModelConfig:
     width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
     hidden: int = ranged(64, ge=1)  # convnet: width of the hidden layer between the features and the heads
     pool_first: bool = False  # convnet: max-pool before BatchNorm and ReLU in each block (a faster step)
+    overlap_last_pool: bool = False  # convnet: the last block pools 3x3 windows at stride 2, covering its whole 7x7 map
     dropout: float = ranged(0.0, ge=0, lt=1)  # share of the image features zeroed in training, before the hidden layer
     addend_dim: int = ranged(0, ge=0)  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
     # structured sum head sees the addend; free and regression heads need it > 0, the seed used 20)

@@ -91,6 +91,18 @@ def test_pooling_first_computes_the_same_features_when_every_batchnorm_scale_is_
     assert not torch.equal(after(images), first(images))
 
 
+@pytest.mark.parametrize("pool_first", [False, True])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_only_the_overlapping_last_pool_reads_the_last_row_and_column_of_its_map(pool_first, overlap):
+    features, _ = convnet_features(4, pool_first, overlap_last_pool=overlap)
+    last_pool, seen = features[9 if pool_first else 11], {}
+    last_pool.register_forward_hook(lambda module, inputs, output: seen.update(map=inputs[0]))
+    out = features(torch.randn(8, 1, 28, 28))
+    grad, = torch.autograd.grad(out.sum(), seen["map"])  # nonzero where a window's maximum was read
+    assert isinstance(last_pool, nn.MaxPool2d) and grad.shape[-2:] == (7, 7) and out.shape[1] == 16 * 3 * 3
+    assert bool(grad[..., 6, :].any()) == bool(grad[..., :, 6].any()) == overlap
+
+
 def _pool_first_name(name: str) -> str:
     index, rest = name.split(".", 1)
     return f"{int(index) + 1}.{rest}" if int(index) % 4 == 1 else name
