@@ -92,7 +92,7 @@ class ModelConfig:
     sum_head: SumHead = SumHead.structured
     width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
     hidden: int = ranged(64, ge=1)  # convnet: width of the hidden layer between the features and the heads
-    pool_first: bool = False  # convnet: max-pool before BatchNorm and ReLU in each block (a faster step)
+    pool_first: bool = True  # convnet: max-pool before BatchNorm and ReLU in each block (a faster step)
     overlap_last_pool: bool = False  # convnet: the last block pools 3x3 windows at stride 2, covering its whole 7x7 map
     dropout: float = ranged(0.0, ge=0, lt=1)  # share of the image features zeroed in training, before the hidden layer
     addend_dim: int = ranged(0, ge=0)  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a
@@ -282,7 +282,7 @@ def training_config(cfg: DictConfig) -> DictConfig:
 
 
 # What a config written before a key existed computed with, where that differs from the key's default today.
-BEFORE_KEYS_EXISTED = {"model": {"hidden": 128}}
+BEFORE_KEYS_EXISTED = {"model": {"hidden": 128, "pool_first": False}}
 
 
 def upgraded(saved: DictConfig | dict) -> DictConfig:

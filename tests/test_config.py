@@ -94,17 +94,18 @@ def test_the_data_root_comes_from_the_environment_as_for_the_tests(monkeypatch):
 
 def test_a_config_from_before_a_key_existed_reads_as_the_code_then_computed():
     old = to_dict(load_config([], []))
-    del old["model"]["hidden"], old["model"]["dropout"]  # written before either existed: 128 wide, no dropout
-    cfg = upgraded(old)
-    assert cfg.model.hidden == 128 and cfg.model.dropout == 0.0 and cfg.model.hidden != load_config([], []).model.hidden
+    del old["model"]["hidden"], old["model"]["dropout"], old["model"]["pool_first"]  # written before these existed
+    cfg, today = upgraded(old), load_config([], [])
+    assert (cfg.model.hidden, cfg.model.dropout, cfg.model.pool_first) == (128, 0.0, False)  # as it computed then
+    assert (cfg.model.hidden, cfg.model.pool_first) != (today.model.hidden, today.model.pool_first)
     assert upgraded(to_dict(load_config([], ["model.hidden=32"]))).model.hidden == 32  # what it says wins
     with pytest.raises(OmegaConfBaseException):
         upgraded({**old, "model": {**old["model"], "gone": 1}})
 
 
-def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_width_and_length():
+def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_width_pooling_and_length():
     schema, default = to_dict(load_config([], [])), to_dict(load_config(["default"], []))
     assert default == schema
     fast = to_dict(load_config(["fast"], []))
     assert {(s, k) for s in fast for k in fast[s] if fast[s][k] != schema[s][k]} == \
-        {("run", "dir"), ("model", "hidden"), ("trainer", "epochs")}
+        {("run", "dir"), ("model", "hidden"), ("model", "pool_first"), ("trainer", "epochs")}

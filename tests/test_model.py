@@ -37,9 +37,11 @@ def test_seed_network_has_the_classroom_shapes():
     assert model.head.out_features == 29
 
 
-@pytest.mark.parametrize("config, hidden, parameters", [([], 64, 167_850), (["fast"], 128, 242_282)])
-def test_the_recipes_networks_have_one_hidden_layer_and_only_a_digit_head(config, hidden, parameters):
+@pytest.mark.parametrize("config, hidden, parameters, pool_first",
+                         [([], 64, 167_850, True), (["fast"], 128, 242_282, False)])
+def test_the_recipes_networks_have_one_hidden_layer_and_only_a_digit_head(config, hidden, parameters, pool_first):
     model = build_model(load_config(config, []).model)  # structured sum: nothing to learn beyond the digit
+    assert isinstance(model.features[1], nn.MaxPool2d) == pool_first
     assert [(layer.in_features, layer.out_features) for layer in model.mlp[::2]] == [(36 * 32, hidden)]
     assert sum(p.numel() for p in model.parameters()) == parameters  # the default within 200k
     assert model.addend is None and model.head.out_features == 10 and not hasattr(model, "sum_head")
