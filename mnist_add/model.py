@@ -94,11 +94,11 @@ def seed_features() -> tuple[nn.Module, int]:
 
 
 def convnet_features(width: int, pool_first: bool, overlap_last_pool: bool = False) -> tuple[nn.Module, int]:
-    """Three conv-BN-ReLU-pool blocks (28 -> 14 -> 7 -> 3), widths w, 2w, 4w, flattened: 36w features.
+    """Three conv blocks (28 -> 14 -> 7 -> 3), widths w, 2w, 4w, flattened: 36w features.
 
-    pool_first pools each conv's output before BatchNorm and ReLU: max-pooling commutes with ReLU and
-    with a BatchNorm of positive scale, so the network is nearly the same one, and normalising a quarter
-    of the activations raises CPU training throughput by a quarter.
+    Each block is conv, BatchNorm, ReLU, max-pool; pool_first moves the pool to right after the conv.
+    Max-pooling commutes with ReLU and with a BatchNorm of positive scale, so the network is nearly the
+    same one, and normalising a quarter of the activations raises CPU training throughput by a quarter.
     The last block's 2x2 windows leave the 7x7 map's last row and column out; overlap_last_pool pools
     3x3 windows at stride 2 instead, which cover all of it and still give 3x3.
     """
