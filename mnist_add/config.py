@@ -110,7 +110,7 @@ class LossWeights:
 class LossConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     sum: SumLoss = SumLoss.ce
-    label_smoothing: float = ranged(0.1, ge=0, lt=1)  # digit cross-entropy, and sum cross-entropy of free heads (a structured sum
+    label_smoothing: float = ranged(0.15, ge=0, lt=1)  # digit cross-entropy, and sum cross-entropy of free heads (a structured sum
     # has -inf for impossible sums: nothing to smooth onto)
 
 

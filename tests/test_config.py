@@ -103,9 +103,9 @@ def test_a_config_from_before_a_key_existed_reads_as_the_code_then_computed():
         upgraded({**old, "model": {**old["model"], "gone": 1}})
 
 
-def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_width_pooling_and_length():
+def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_width_pooling_smoothing_and_length():
     schema, default = to_dict(load_config([], [])), to_dict(load_config(["default"], []))
     assert default == schema
     fast = to_dict(load_config(["fast"], []))
     assert {(s, k) for s in fast for k in fast[s] if fast[s][k] != schema[s][k]} == \
-        {("run", "dir"), ("model", "hidden"), ("model", "pool_first"), ("trainer", "epochs")}
+        {("run", "dir"), ("model", "hidden"), ("model", "pool_first"), ("loss", "label_smoothing"), ("trainer", "epochs")}

@@ -124,13 +124,13 @@ def test_test_accuracies_of_99_5_and_99_7_percent_lie_visibly_apart():
 
 def test_loss_legend_says_training_is_smoothed_and_testing_is_not(finished_run):
     smoothing = label_smoothing(finished_run)
-    assert smoothing == {"digit": 0.1, "sum": 0.0}  # the debug run: default smoothing, structured sum head
+    assert smoothing == {"digit": 0.15, "sum": 0.0}  # the debug run: default smoothing, structured sum head
     by_task = panels(draw_losses(read_metrics(finished_run), smoothing))
-    assert legend_labels(by_task["digit"]) == ["train (label smoothing 0.1)", "test (no smoothing)",
-                                               "lowest train loss possible (smoothing 0.1): 0.50"]
+    assert legend_labels(by_task["digit"]) == ["train (label smoothing 0.15)", "test (no smoothing)",
+                                               "lowest train loss possible (smoothing 0.15): 0.69"]
     assert legend_labels(by_task["sum"]) == ["train (no smoothing)", "test (no smoothing)"]
     floor_line = by_task["digit"].get_lines()[-1]
-    assert list(floor_line.get_ydata()) == pytest.approx([smoothed_loss_floor(0.1, 10)] * 2)
+    assert list(floor_line.get_ydata()) == pytest.approx([smoothed_loss_floor(0.15, 10)] * 2)
 
 
 def test_sum_loss_is_labelled_smoothed_only_for_a_free_sum_head(data_root, tmp_path):
