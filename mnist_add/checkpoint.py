@@ -22,11 +22,21 @@ BEST_NAME = "best.pt"
 # Keys of a training checkpoint (see mnist_add.train); tools that read checkpoints use these.
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
 PROGRESS, RNG, CONFIG, TRACKING_RUN_ID = "progress", "rng", "config", "tracking_run_id"
+AVERAGE = "average"  # the running average of the weights (optim.swa_epochs), or None; absent before it existed
 TRAINING_KEYS = (MODEL, OPTIMIZER, SCHEDULER, SCALER, PROGRESS, RNG, CONFIG, TRACKING_RUN_ID)
-MODEL_KEYS = (MODEL, CONFIG)  # what tools that only run a model need
+MODEL_KEYS = (MODEL, CONFIG)  # what tools that only run a model need (see `served_weights`)
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 TMP_MARK = ".tmp-"  # a save in progress, or one killed half way: `.step-00000016.pt.tmp-PID`
 _USE_ANOTHER = "delete it to resume from an older one, or pass trainer.resume=PATH of a good one"
+
+
+def served_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's network answers with: their running average once averaging has begun
+    (an `AveragedModel` state: `module.`-prefixed, with `n_averaged`), else the trained weights."""
+    average = state.get(AVERAGE)
+    if average is None:
+        return state[MODEL]
+    return {key.removeprefix("module."): value for key, value in average.items() if key != "n_averaged"}
 
 
 class CheckpointError(RuntimeError):

@@ -118,7 +118,11 @@ class LossConfig:
 class OptimConfig:
     lr: float = ranged(5e-3, gt=0)  # peak learning rate of the one-cycle schedule
     weight_decay: float = ranged(1e-4, ge=0)
-    warmup_fraction: float = ranged(0.2, gt=0, lt=1)  # share of the steps spent rising to the peak
+    warmup_fraction: float = ranged(0.2, gt=0, lt=1)  # share of the one-cycle steps spent rising to the peak
+    swa_epochs: int = ranged(0, ge=0)  # the last N of trainer.epochs run at the constant swa_lr and average the
+    # weights of every step (stochastic weight averaging), which then evaluate and serve; the one-cycle schedule
+    # spans the epochs before them (0: no averaging)
+    swa_lr: float = ranged(5e-4, gt=0)
 
 
 @dataclass
@@ -254,6 +258,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.addend_dim == 0 and cfg.model.sum_head != SumHead.structured:
         raise ConfigError("model.addend_dim=0 hides the addend from the network: only model.sum_head=structured "
                           "can then predict the sum; set addend_dim > 0 or sum_head=structured")
+    if cfg.optim.swa_epochs >= cfg.trainer.epochs:
+        raise ConfigError(f"optim.swa_epochs={cfg.optim.swa_epochs} leaves no epoch for the one-cycle schedule "
+                          f"before it: make it less than trainer.epochs={cfg.trainer.epochs}")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
 

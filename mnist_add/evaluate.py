@@ -102,12 +102,13 @@ def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool, device: t
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[AddNet, DictConfig]:
-    """The model stored in a checkpoint, in eval mode, and the config it was trained with."""
+    """The network a checkpoint serves (its weight average, where training averaged), in eval mode, and the config
+    it was trained with."""
     state = checkpoint.load(path, keys=checkpoint.MODEL_KEYS)
     try:
         cfg = upgraded(state[checkpoint.CONFIG])
         model = build_model(cfg.model)
-        model.load_state_dict(state[checkpoint.MODEL])
+        model.load_state_dict(checkpoint.served_weights(state))
     except (RuntimeError, ValueError, TypeError, AttributeError, OmegaConfBaseException) as err:
         first_line = (str(err).splitlines() or [type(err).__name__])[0]
         raise checkpoint.CheckpointError(f"checkpoint {path} does not hold a model this version can build: "

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import SWALR, AveragedModel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnist_add import checkpoint, distributed
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, DataConfig, OptimConfig, parse_args, to_dict
+from mnist_add.config import ConfigError, DataConfig, OptimConfig, parse_args, to_dict, upgraded
 from mnist_add.data import Augment, Batch, DatasetError, GlobalBatchSampler, MNISTAdd, to_device
 from mnist_add.distributed import Runtime, StopSignals
 from mnist_add.evaluate import evaluate
@@ -37,7 +38,7 @@ from mnist_add.tracking import build_tracker
 log = logging.getLogger("mnist_add")
 
 # A checkpoint's position means something only for the same sequence of batches and schedule.
-SEQUENCE_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples")
+SEQUENCE_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "optim.swa_epochs")
 
 
 @dataclass
@@ -72,9 +73,16 @@ class Learner:
     scaler: torch.amp.GradScaler
     autocast: Autocast
     criterion: Criterion
+    average: AveragedModel | None = None  # of the weights after each step since averaging began (optim.swa_epochs)
 
-    def step(self, batch: Batch) -> torch.Tensor:
-        """One optimiser step; returns [loss, loss_digit, loss_sum, right digits, right sums, n] summed."""
+    @property
+    def served(self) -> torch.nn.Module:
+        """The network that evaluates and that checkpoints serve: the weight average once it has begun."""
+        return self.average.module if self.average is not None else self.eval_model
+
+    def step(self, batch: Batch, average: bool = False) -> torch.Tensor:
+        """One optimiser step, then with `average` the new weights folded into their running average; returns
+        [loss, loss_digit, loss_sum, right digits, right sums, n] summed."""
         with self.autocast():
             outputs = self.ddp_model(batch.images, batch.addends)
         loss, loss_digit, loss_sum = self.criterion(outputs, batch.digits, batch.sums)
@@ -83,6 +91,12 @@ class Learner:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if average:
+            # Begun as a copy of the model, whose BatchNorm statistics serve until recompute_batchnorm measures the
+            # average's own.
+            if self.average is None:
+                self.average = AveragedModel(self.model)
+            self.average.update_parameters(self.model)
         n = len(batch.digits)
         right = [(o.argmax(1) == y).sum() for o, y in zip(outputs, (batch.digits, batch.sums))]
         count = loss.new_full((), n)  # filled on the device: no copy from the host, no sync
@@ -90,13 +104,17 @@ class Learner:
 
     def state_dict(self) -> dict:
         return {checkpoint.MODEL: self.model.state_dict(), checkpoint.OPTIMIZER: self.optimizer.state_dict(),
-                checkpoint.SCHEDULER: self.scheduler.state_dict(), checkpoint.SCALER: self.scaler.state_dict()}
+                checkpoint.SCHEDULER: self.scheduler.state_dict(), checkpoint.SCALER: self.scaler.state_dict(),
+                checkpoint.AVERAGE: self.average.state_dict() if self.average is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state[checkpoint.MODEL])
         self.optimizer.load_state_dict(state[checkpoint.OPTIMIZER])
         self.scheduler.load_state_dict(state[checkpoint.SCHEDULER])
         self.scaler.load_state_dict(state[checkpoint.SCALER])
+        if state.get(checkpoint.AVERAGE) is not None:
+            self.average = AveragedModel(self.model)
+            self.average.load_state_dict(state[checkpoint.AVERAGE])
 
 
 def train(cfg: DictConfig) -> dict:
@@ -174,12 +192,13 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
         try:
             while not finished(progress, cfg):
                 train_set.set_epoch(progress.epoch, warp=progress.epoch < cfg.trainer.epochs - cfg.data.clean_epochs)
+                average = progress.epoch >= cfg.trainer.epochs - cfg.optim.swa_epochs > 0
                 sampler.set_epoch(progress.epoch)
                 sampler.set_start_step(progress.step_in_epoch)
                 for indices in sampler:
                     # One step on this rank's share of the global batch; nothing here waits for the device.
                     batch = train_set.batch(indices).to(runtime.device)
-                    stats = learner.step(batch)
+                    stats = learner.step(batch, average)
                     window.add(stats)
                     progress.step += 1
                     progress.step_in_epoch += 1
@@ -209,7 +228,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                     progress.epoch += 1
                     progress.step_in_epoch = 0
                 check_weights_finite(cfg, learner.model, progress, checkpointer)
-                result = evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress)
+                result = evaluate_and_log(cfg, runtime, learner, train_set, test_set, tracker, progress)
                 acc_sum = result.metrics()["test/acc_sum"]
                 best = acc_sum > progress.best_acc_sum
                 progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
@@ -219,7 +238,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
             raise
 
     if result is None:  # resumed from the last step of a run killed before it wrote its summary
-        result = evaluate(learner.model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum)
+        result = evaluate(learner.served, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum)
     summary = {"status": "completed", "step": progress.step, "epoch": progress.epoch,
                "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
                "resumed_from": str(resumed_from) if resumed_from else None,
@@ -248,17 +267,22 @@ def build_learner(cfg: DictConfig, runtime: Runtime, total_steps: int) -> Learne
         if runtime.is_distributed else model
     # torch.compile after the DDP wrap, as torch's DDP notes advise: DDP then splits the graph at its buckets.
     ddp_model, eval_model = (torch.compile(ddp_model), torch.compile(model)) if cfg.trainer.compile else (ddp_model, model)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    one_cycle_steps = total_steps * (cfg.trainer.epochs - cfg.optim.swa_epochs) // cfg.trainer.epochs
+    optimizer, scheduler = build_optimizer(model, cfg.optim, one_cycle_steps)
     autocast, scaler = build_precision(cfg.trainer.precision, runtime.device)
     return Learner(model, ddp_model, eval_model, optimizer, scheduler, scaler, autocast,
                    Criterion(cfg.loss, cfg.model.sum_head))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
-    """AdamW under a one-cycle schedule: the schedule is a function of the step, nothing to lose."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, one_cycle_steps: int):
+    """AdamW under a one-cycle schedule, then, for the last optim.swa_epochs, the constant swa_lr: the schedule is
+    a function of the step, nothing to lose."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=one_cycle_steps,
                                                     pct_start=cfg.warmup_fraction)
+    if cfg.swa_epochs:
+        constant = SWALR(optimizer, swa_lr=cfg.swa_lr, anneal_epochs=0)  # swa_lr from its first step on
+        scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [scheduler, constant], [one_cycle_steps])
     return optimizer, scheduler
 
 
@@ -298,7 +322,7 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
 
 def check_same_sequence(cfg: DictConfig, saved: dict) -> None:
     for key in SEQUENCE_KEYS:
-        ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(OmegaConf.create(saved), key)
+        ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(upgraded(saved), key)
         if ours != theirs:
             raise CheckpointError(f"checkpoint was written with {key}={theirs}, this run has {key}={ours}; "
                                   f"resume with the same value, or start a new run.dir")
@@ -389,11 +413,15 @@ def report_progress(bar: tqdm, step: int, metrics: dict[str, float]) -> None:
         bar.set_postfix_str(line)
 
 
-def evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress):
+def evaluate_and_log(cfg, runtime, learner, train_set, test_set, tracker, progress):
+    if learner.average is not None:
+        recompute_batchnorm(learner.average.module, train_set, cfg.trainer.eval_batch_size, runtime.device,
+                            learner.autocast)
     if runtime.is_distributed:  # BatchNorm statistics: evaluate and save rank 0's on every rank
-        for buffer in learner.model.buffers():
-            torch.distributed.broadcast(buffer, 0)
-    result = evaluate(learner.eval_model, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
+        for module in [learner.model] + ([learner.average] if learner.average is not None else []):
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, 0)
+    result = evaluate(learner.served, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
                       learner.autocast)
     metrics = result.metrics()
     tracker.log({**metrics, "epoch": progress.epoch}, progress.step)
@@ -401,6 +429,25 @@ def evaluate_and_log(cfg, runtime, learner, test_set, tracker, progress):
         log.info("step %d epoch %d: test digit %.4f sum %.4f both %.4f", progress.step, progress.epoch,
                  metrics["test/acc_digit"], metrics["test/acc_sum"], metrics["test/acc_both"])
     return result
+
+
+def recompute_batchnorm(model: torch.nn.Module, train_set: MNISTAdd, batch_size: int, device: torch.device,
+                        autocast: Autocast) -> None:
+    """BatchNorm statistics of averaged weights, measured afresh over the training images of the epoch just
+    trained (the running statistics belong to the weights that made them). As torch.optim.swa_utils.update_bn,
+    for a network of two inputs; every rank computes the same."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain mean over the batches
+    model.train()
+    with torch.no_grad(), autocast():
+        for start in range(0, len(train_set), batch_size):
+            batch = train_set.batch(torch.arange(start, min(start + batch_size, len(train_set)))).to(device)
+            model(batch.images, batch.addends)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def stop(runtime: Runtime, reasons: list[str], saved: Path, tracker, progress: Progress) -> dict:

@@ -37,9 +37,12 @@ def summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
+def final_checkpoint(run_dir):
+    return checkpoint.load(Checkpointer(Path(run_dir) / "checkpoints", 1, False).step_paths()[0])
+
+
 def final_weights(run_dir):
-    newest = Checkpointer(Path(run_dir) / "checkpoints", 1, False).step_paths()[0]
-    return checkpoint.load(newest)[checkpoint.MODEL]
+    return final_checkpoint(run_dir)[checkpoint.MODEL]
 
 
 def assert_bitwise_equal(a, b):
@@ -165,6 +168,18 @@ def test_resuming_on_another_world_size_continues_the_same_samples(data_root, tm
     assert moved["resumed_from"].endswith("step-00000040.pt") and moved["world_size"] == then
     assert moved["fingerprint"] == whole["fingerprint"]
     assert moved["test"]["acc_sum"] == pytest.approx(whole["test"]["acc_sum"], abs=0.01)
+
+
+def test_weight_averaging_on_two_ranks_resumes_mid_average_bitwise_equal(data_root, tmp_path):
+    averaging = (*LONG, "optim.swa_epochs=1")  # epoch 2, steps 33 to 64, averages
+    launch(data_root, tmp_path / "whole", *averaging, nproc=2)
+    launch(data_root, tmp_path / "cut", *averaging, "trainer.max_steps=48", nproc=2)  # half way through the average
+    launch(data_root, tmp_path / "cut", *averaging, nproc=2)
+    whole, cut = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "cut")
+    assert whole[checkpoint.AVERAGE]["n_averaged"] == 32
+    for key in (checkpoint.MODEL, checkpoint.AVERAGE):
+        assert_bitwise_equal(cut[key], whole[key])
+    assert summary(tmp_path / "cut")["test"] == summary(tmp_path / "whole")["test"]
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped_on_every_rank(uninterrupted, data_root, tmp_path):

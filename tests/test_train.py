@@ -9,6 +9,9 @@ import torch
 from conftest import run_module
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer, CheckpointError
+from mnist_add.data import MNISTAdd
+from mnist_add.distributed import Runtime
+from mnist_add.evaluate import evaluate, load_model
 from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
 from mnist_add.train import DivergenceError, Progress, build_learner, check_weights_finite, main, train
@@ -39,20 +42,42 @@ def test_debug_run_writes_config_metrics_checkpoints_and_summary(make_cfg, tmp_p
             "test/acc_sum_given_digit"} <= set(evaluation[0])
 
 
-def test_resuming_from_a_mid_epoch_checkpoint_is_bitwise_exact(make_cfg, tmp_path):
-    whole = make_cfg(*EXACT, run_dir=tmp_path / "whole")
+# Cut at step 12 (of 16 in epoch 1), or with weight averaging in epoch 2 at step 24, half way through the average.
+@pytest.mark.parametrize("extra,cut_at", [((), 12), (("optim.swa_epochs=1",), 24)], ids=["plain", "averaging"])
+def test_resuming_from_a_mid_epoch_checkpoint_is_bitwise_exact(make_cfg, tmp_path, extra, cut_at):
+    whole = make_cfg(*EXACT, *extra, run_dir=tmp_path / "whole")
     expected = train(whole)
-    # A run that stopped right after its mid-epoch checkpoint at step 12 (of 16 in epoch 1).
+    # A run that stopped right after its mid-epoch checkpoint.
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "whole/checkpoints/step-00000012.pt", cut / "checkpoints")
-    resumed = train(make_cfg(*EXACT, run_dir=cut))
-    assert resumed["resumed_from"].endswith("step-00000012.pt")
+    shutil.copy(tmp_path / f"whole/checkpoints/step-{cut_at:08d}.pt", cut / "checkpoints")
+    resumed = train(make_cfg(*EXACT, *extra, run_dir=cut))
+    assert resumed["resumed_from"].endswith(f"step-{cut_at:08d}.pt")
     assert resumed["test"] == expected["test"] and resumed["fingerprint"] == expected["fingerprint"]
-    for name, tensor in weights(tmp_path / "whole", "step-00000032.pt").items():
-        assert torch.equal(tensor, weights(cut, "step-00000032.pt")[name]), name
-    after = [r for r in read_metrics(tmp_path / "whole") if r["step"] > 12]
+    final = [checkpoint.load(run / "checkpoints/step-00000032.pt") for run in (tmp_path / "whole", cut)]
+    for key in (checkpoint.MODEL, checkpoint.AVERAGE) if extra else (checkpoint.MODEL,):
+        for name, tensor in final[0][key].items():
+            assert torch.equal(tensor, final[1][key][name]), (key, name)
+    after = [r for r in read_metrics(tmp_path / "whole") if r["step"] > cut_at]
     assert without_timing(read_metrics(cut)) == without_timing(after)
+
+
+def test_weight_averaging_runs_its_epochs_at_swa_lr_and_the_average_evaluates_and_serves(make_cfg, tmp_path):
+    summary = train(make_cfg("trainer.epochs=3", "optim.swa_epochs=1", "optim.swa_lr=0.003", "trainer.keep_checkpoints=9"))
+    records = read_metrics(tmp_path / "run")
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    # The lr logged at a step is the next step's: one-cycle's tail until step 32, swa_lr from step 33 on.
+    assert lrs[28] < 0.001 and all(lrs[step] == pytest.approx(0.003) for step in (32, 36, 40, 44, 48))
+    final = checkpoint.load(tmp_path / "run/checkpoints/step-00000048.pt")
+    assert final[checkpoint.AVERAGE]["n_averaged"] == 16  # every step of epoch 3, none before
+    served = checkpoint.served_weights(final)
+    for name in ("features.0.weight", "features.2.running_mean"):
+        assert not torch.equal(served[name], final[checkpoint.MODEL][name]), name  # its own BatchNorm statistics
+    # The summary's figures are those of the network a checkpoint serves: the average, with those statistics.
+    model, cfg = load_model(tmp_path / "run/checkpoints/step-00000048.pt")
+    test_set = MNISTAdd(cfg.data.root, train=False, download=False, num_samples=cfg.data.test_samples)
+    assert evaluate(model, test_set, Runtime(), 128, cfg.loss.sum).metrics(prefix="") == summary["test"]
+    assert checkpoint.load(tmp_path / "run/checkpoints/step-00000016.pt")[checkpoint.AVERAGE] is None
 
 
 def test_a_resumed_run_rewrites_no_metric_twice(make_cfg, tmp_path):
@@ -116,7 +141,7 @@ def test_a_file_that_is_not_a_training_checkpoint_is_reported(make_cfg, tmp_path
 @pytest.mark.parametrize("mistake", [
     "optim.lr=-1", "optim.lr=nan", "model.width=0", "trainer.log_every_steps=0", "optim.warmup_fraction=1.5",
     "loss.label_smoothing=2", "trainer.num_threads=-1", "data.train_samples=-5", "run.dir=UNDER_A_FILE",
-    "--config=INVALID_YAML",
+    "--config=INVALID_YAML", "optim.swa_epochs=1",
 ])
 def test_every_user_mistake_is_one_line_and_exit_2(mistake, data_root, tmp_path, capsys):
     (tmp_path / "file").write_text("")
@@ -160,8 +185,7 @@ def test_weights_that_turned_non_finite_are_never_saved(make_cfg, tmp_path):
 
 
 def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
-    from mnist_add.data import MNISTAdd
-    from mnist_add.distributed import Runtime, StopSignals
+    from mnist_add.distributed import StopSignals
     cfg = make_cfg("trainer.precision=fp16")
     learner = build_learner(cfg, Runtime(), total_steps=10)
     learner.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # scaled gradients overflow: skipped
@@ -177,13 +201,13 @@ def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
     assert agreement.agree(Progress(), StopSignals()) == ([], None)
 
 
-@pytest.mark.parametrize("key,other", [("trainer.seed", 1), ("trainer.batch_size", 64), ("trainer.epochs", 2),
-                                       ("data.train_samples", 256)])
+@pytest.mark.parametrize("key,other", [("trainer.seed", 1), ("trainer.batch_size", 64), ("trainer.epochs", 3),
+                                       ("data.train_samples", 256), ("optim.swa_epochs", 1)])
 def test_resuming_with_another_data_sequence_is_refused(make_cfg, key, other):
-    train(make_cfg("trainer.max_steps=8"))
+    train(make_cfg("trainer.epochs=2", "trainer.max_steps=8"))
     with pytest.raises(CheckpointError, match=rf"written with {re.escape(key)}=\S+, this run has {re.escape(key)}="
                                               rf"{other}; resume with the same value"):
-        train(make_cfg(f"{key}={other}"))
+        train(make_cfg("trainer.epochs=2", f"{key}={other}"))
 
 
 def test_best_pt_holds_the_evaluation_with_the_highest_sum_accuracy_across_resumes(make_cfg, tmp_path):
