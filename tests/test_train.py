@@ -63,7 +63,8 @@ def test_resuming_from_a_mid_epoch_checkpoint_is_bitwise_exact(make_cfg, tmp_pat
 
 
 def test_weight_averaging_runs_its_epochs_at_swa_lr_and_the_average_evaluates_and_serves(make_cfg, tmp_path):
-    summary = train(make_cfg("trainer.epochs=3", "optim.swa_epochs=1", "optim.swa_lr=0.003", "trainer.keep_checkpoints=9"))
+    summary = train(make_cfg("trainer.epochs=3", "optim.swa_epochs=1", "optim.swa_lr=0.003",
+                             "trainer.keep_checkpoints=9"))
     records = read_metrics(tmp_path / "run")
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
     # The lr logged at a step is the next step's: one-cycle's tail until step 32, swa_lr from step 33 on.
