@@ -93,7 +93,7 @@ class Learner:
         self.scheduler.step()
         if average:
             # Begun as a copy of the model, whose BatchNorm statistics serve until recompute_batchnorm measures the
-            # average's own.
+            # average's own. update_parameters reads its count from the device: on a GPU, a sync per averaged step.
             if self.average is None:
                 self.average = AveragedModel(self.model)
             self.average.update_parameters(self.model)
