@@ -32,9 +32,9 @@ def test_only_agreement_steps_read_values_from_the_device(make_cfg, monkeypatch)
     reads, at_step_start = CountReads(), []
     real_step = Learner.step
 
-    def step(self, batch):
+    def step(self, batch, average):
         at_step_start.append(reads.count)
-        stats = real_step(self, batch)
+        stats = real_step(self, batch, average)
         reads.host_counters = {id(s["step"]) for s in self.optimizer.state.values()}
         return stats
 
