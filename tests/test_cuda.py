@@ -29,10 +29,10 @@ def test_low_precision_trains_in_its_dtype_and_resumes_exactly(make_cfg, tmp_pat
     seen = []
     real_step = Learner.step
 
-    def step(self, batch):
+    def step(self, batch, average):
         with self.autocast():
             seen.append(self.ddp_model(batch.images, batch.addends)[0].dtype)
-        return real_step(self, batch)
+        return real_step(self, batch, average)
 
     monkeypatch.setattr(Learner, "step", step)
     common = (f"trainer.precision={precision}", "trainer.max_steps=12")
