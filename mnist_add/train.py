@@ -321,8 +321,9 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
 
 
 def check_same_sequence(cfg: DictConfig, saved: dict) -> None:
+    saved = upgraded(saved)
     for key in SEQUENCE_KEYS:
-        ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(upgraded(saved), key)
+        ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
         if ours != theirs:
             raise CheckpointError(f"checkpoint was written with {key}={theirs}, this run has {key}={ours}; "
                                   f"resume with the same value, or start a new run.dir")
