@@ -38,6 +38,11 @@ class Arch(str, Enum):
     convnet = "convnet"  # the default: a small BatchNorm CNN
 
 
+class Activation(str, Enum):
+    relu = "relu"
+    silu = "silu"  # x * sigmoid(x), smooth at 0
+
+
 class Heads(str, Enum):
     joint = "joint"  # one Linear(hidden, 29) read as 10 digit + 19 sum logits (seed approach 1)
     separate = "separate"  # Linear(hidden, 10) and Linear(hidden, 19) (seed approach 2)
@@ -92,7 +97,8 @@ class ModelConfig:
     sum_head: SumHead = SumHead.structured
     width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
     hidden: int = ranged(64, ge=1)  # convnet: width of the hidden layer between the features and the heads
-    pool_first: bool = True  # convnet: max-pool before BatchNorm and ReLU in each block (a faster step)
+    activation: Activation = Activation.relu  # convnet: the nonlinearity after each BatchNorm and the hidden layer
+    pool_first: bool = True  # convnet: max-pool before BatchNorm and activation in each block (a faster step)
     overlap_last_pool: bool = False  # convnet: the last block pools 3x3 windows at stride 2, covering its whole 7x7 map
     dropout: float = ranged(0.0, ge=0, lt=1)  # share of the image features zeroed in training, before the hidden layer
     addend_dim: int = ranged(0, ge=0)  # size of the learned embedding of the one-hot addend fed to the trunk (0: only a

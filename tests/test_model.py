@@ -78,6 +78,15 @@ def test_convnet_features_are_three_same_size_conv_bn_relu_pool_blocks(pool_firs
     assert features(torch.zeros(2, 1, 28, 28)).shape == (2, num_features) == (2, 16 * 3 * 3)
 
 
+@pytest.mark.parametrize("activation, kind", [("relu", nn.ReLU), ("silu", nn.SiLU)])
+def test_the_configured_activation_follows_every_batchnorm_and_the_hidden_layer(activation, kind):
+    def activations(config: list[str]) -> list[type]:
+        model = build_model(load_config(config, [f"model.activation={activation}"]).model)
+        return [type(m) for m in model.modules() if isinstance(m, (nn.ReLU, nn.SiLU))]
+    assert activations([]) == [kind] * 4  # three conv blocks, then the hidden layer
+    assert set(activations(["seed-joint"])) == {nn.ReLU}  # the classroom network stays exactly as it was
+
+
 def test_pooling_first_computes_the_same_features_when_every_batchnorm_scale_is_positive():
     torch.manual_seed(0)
     (after, _), (first, _) = convnet_features(4, pool_first=False), convnet_features(4, pool_first=True)
