@@ -97,7 +97,7 @@ class ModelConfig:
     sum_head: SumHead = SumHead.structured
     width: int = ranged(32, ge=1)  # convnet: channels of the first block (doubled per block)
     hidden: int = ranged(64, ge=1)  # convnet: width of the hidden layer between the features and the heads
-    activation: Activation = Activation.relu  # convnet: the nonlinearity after each BatchNorm and the hidden layer
+    activation: Activation = Activation.silu  # convnet: the nonlinearity after each BatchNorm and the hidden layer
     pool_first: bool = True  # convnet: max-pool before BatchNorm and activation in each block (a faster step)
     overlap_last_pool: bool = False  # convnet: the last block pools 3x3 windows at stride 2, covering its whole 7x7 map
     dropout: float = ranged(0.0, ge=0, lt=1)  # share of the image features zeroed in training, before the hidden layer
@@ -134,7 +134,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     seed: int = ranged(0, ge=0)
-    epochs: int = ranged(9, ge=1)
+    epochs: int = ranged(10, ge=1)
     batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
     eval_batch_size: int = ranged(1000, ge=1)  # test images per evaluation batch; each rank scores whole
     # batches in turn, the same batches on any world size, so the metrics do not depend on it
@@ -295,7 +295,7 @@ def training_config(cfg: DictConfig) -> DictConfig:
 
 
 # What a config written before a key existed computed with, where that differs from the key's default today.
-BEFORE_KEYS_EXISTED = {"model": {"hidden": 128, "pool_first": False}}
+BEFORE_KEYS_EXISTED = {"model": {"hidden": 128, "pool_first": False, "activation": Activation.relu}}
 
 
 def upgraded(saved: DictConfig | dict) -> DictConfig:

@@ -4,7 +4,7 @@ import pytest
 
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_add.config import Arch, ConfigError, load_config, to_dict, upgraded
+from mnist_add.config import Activation, Arch, ConfigError, load_config, to_dict, upgraded
 
 
 def test_yaml_files_then_command_line_override_the_defaults():
@@ -94,18 +94,21 @@ def test_the_data_root_comes_from_the_environment_as_for_the_tests(monkeypatch):
 
 def test_a_config_from_before_a_key_existed_reads_as_the_code_then_computed():
     old = to_dict(load_config([], []))
-    del old["model"]["hidden"], old["model"]["dropout"], old["model"]["pool_first"]  # written before these existed
+    for key in "hidden", "dropout", "pool_first", "activation":  # written before these existed
+        del old["model"][key]
     cfg, today = upgraded(old), load_config([], [])
-    assert (cfg.model.hidden, cfg.model.dropout, cfg.model.pool_first) == (128, 0.0, False)  # as it computed then
-    assert (cfg.model.hidden, cfg.model.pool_first) != (today.model.hidden, today.model.pool_first)
+    then = cfg.model.hidden, cfg.model.pool_first, cfg.model.activation
+    assert (*then, cfg.model.dropout) == (128, False, Activation.relu, 0.0)  # as it computed then
+    assert all(a != b for a, b in zip(then, (today.model.hidden, today.model.pool_first, today.model.activation)))
     assert upgraded(to_dict(load_config([], ["model.hidden=32"]))).model.hidden == 32  # what it says wins
     with pytest.raises(OmegaConfBaseException):
         upgraded({**old, "model": {**old["model"], "gone": 1}})
 
 
-def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_width_pooling_smoothing_and_length():
+def test_default_yaml_spells_out_the_schema_defaults_and_fast_differs_in_its_network_smoothing_and_length():
     schema, default = to_dict(load_config([], [])), to_dict(load_config(["default"], []))
     assert default == schema
     fast = to_dict(load_config(["fast"], []))
     assert {(s, k) for s in fast for k in fast[s] if fast[s][k] != schema[s][k]} == \
-        {("run", "dir"), ("model", "hidden"), ("model", "pool_first"), ("loss", "label_smoothing"), ("trainer", "epochs")}
+        {("run", "dir"), ("model", "hidden"), ("model", "pool_first"), ("model", "activation"),
+         ("loss", "label_smoothing"), ("trainer", "epochs")}
