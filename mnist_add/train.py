@@ -38,7 +38,10 @@ from mnist_add.tracking import build_tracker
 log = logging.getLogger("mnist_add")
 
 # A checkpoint's position means something only for the same sequence of batches and schedule.
-SEQUENCE_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "optim.swa_epochs")
+# What a resumed run must share with its checkpoint: the data and schedule it continues, and what its weights
+# compute (another activation loads the same tensors without complaint).
+RESUME_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "optim.swa_epochs",
+               "model.activation")
 
 
 @dataclass
@@ -296,7 +299,7 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
 
     def restore(state: dict) -> None:
         try:
-            check_same_sequence(cfg, state[checkpoint.CONFIG])
+            check_resume_keys(cfg, state[checkpoint.CONFIG])
             learner.load_state_dict(state)
             progress.load_state_dict(state[checkpoint.PROGRESS])
             set_rng_state(state[checkpoint.RNG])
@@ -320,9 +323,10 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
     return path, found.get("run_id")
 
 
-def check_same_sequence(cfg: DictConfig, saved: dict) -> None:
-    saved = upgraded(saved)
-    for key in SEQUENCE_KEYS:
+def check_resume_keys(cfg: DictConfig, saved: dict) -> None:
+    # As plain values, so that the message reads activation=relu rather than Activation.relu.
+    cfg, saved = OmegaConf.create(to_dict(cfg)), OmegaConf.create(to_dict(upgraded(saved)))
+    for key in RESUME_KEYS:
         ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
         if ours != theirs:
             raise CheckpointError(f"checkpoint was written with {key}={theirs}, this run has {key}={ours}; "
