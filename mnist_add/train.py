@@ -37,7 +37,6 @@ from mnist_add.tracking import build_tracker
 
 log = logging.getLogger("mnist_add")
 
-# A checkpoint's position means something only for the same sequence of batches and schedule.
 # What a resumed run must share with its checkpoint: the data and schedule it continues, and what its weights
 # compute (another activation loads the same tensors without complaint).
 RESUME_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "optim.swa_epochs",
