@@ -16,12 +16,13 @@ NUM_IMAGES = 20  # the first test images: nine of the ten digits, well under a s
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root):
-    """A small convnet with the structured sum head, good enough (>85%) that predictions mean something."""
+    """A small convnet with the structured sum head, good enough (>85%) that predictions mean something.
+    6000 images: trained on 3000, the SiLU default read 4 of 20 re-rendered digits differently."""
     from mnist_add.config import load_config
     run = tmp_path_factory.mktemp("trained")
     # One thread: two processes' worth on the 2 shared cores makes this ten times slower.
     summary = train(load_config(["debug"], [
-        f"data.root={data_root}", f"run.dir={run}", "data.augment=false", "data.train_samples=3000",
+        f"data.root={data_root}", f"run.dir={run}", "data.augment=false", "data.train_samples=6000",
         "data.test_samples=1000", "trainer.epochs=2", "trainer.batch_size=64", "trainer.num_threads=1"]))
     assert summary["test"]["acc_digit"] > 0.85, summary["test"]
     model, _ = load_model(f"{run}/checkpoints/best.pt")
