@@ -38,9 +38,9 @@ from mnist_add.tracking import build_tracker
 log = logging.getLogger("mnist_add")
 
 # What a resumed run must share with its checkpoint: the data and schedule it continues, and what its weights
-# compute (another activation loads the same tensors without complaint).
+# compute (another activation or last pool loads the same tensors without complaint).
 RESUME_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "optim.swa_epochs",
-               "model.activation")
+               "model.activation", "model.overlap_last_pool")
 
 
 @dataclass

@@ -204,7 +204,7 @@ def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
 
 @pytest.mark.parametrize("key,other", [("trainer.seed", 1), ("trainer.batch_size", 64), ("trainer.epochs", 3),
                                        ("data.train_samples", 256), ("optim.swa_epochs", 1),
-                                       ("model.activation", "relu")])
+                                       ("model.activation", "relu"), ("model.overlap_last_pool", True)])
 def test_resuming_with_another_data_sequence_schedule_or_activation_is_refused(make_cfg, key, other):
     train(make_cfg("trainer.epochs=2", "trainer.max_steps=8"))
     with pytest.raises(CheckpointError, match=rf"written with {re.escape(key)}=\S+, this run has {re.escape(key)}="
