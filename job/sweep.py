@@ -19,9 +19,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mnist_add.compare import SLURM_STATUS, SWEEP_INDEX, is_running, read_index, slurm_states
+from job.cluster import SLURM_STATUS, SWEEP_INDEX, read_index, slurm_states
 from mnist_add.config import ConfigError, load_config, training_config
-from mnist_add.rundir import completed_run
+from mnist_add.rundir import completed_run, is_running
 
 UNSWEPT_PREFIXES = ("run.", "job.")  # one run directory per member; one array shares one set of SLURM settings
 

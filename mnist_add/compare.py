@@ -21,12 +21,8 @@ Writes into --out (default: the first DIR's compare/) and prints the paths writt
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +32,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, flatten
+from job.cluster import SLURM_STATUS, read_index, slurm_states
+from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, flatten, is_running
 from mnist_add.tracking import read_metrics
 
 SEED_KEY = "trainer.seed"
@@ -45,11 +42,7 @@ WALL_TIME = "wall_time_s"  # from summary["segment_wall_time_s"]
 STATISTICS = (*ACCURACIES, WALL_TIME)
 CURVE_METRIC = "test/acc_sum"
 RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, LOCK_NAME)  # any of them marks a run directory
-SWEEP_INDEX = "sweep.json"  # in a sweep directory: {"name": ..., "members": {member name: {"job_id": ...}}}
-# SLURM job states (sacct) of a member without a completed summary, by what compare calls them
-SLURM_STATUS = {"RUNNING": "running", "COMPLETING": "running", "PENDING": "pending", "REQUEUED": "pending",
-                "SUSPENDED": "pending", "FAILED": "failed", "CANCELLED": "failed", "TIMEOUT": "failed",
-                "OUT_OF_MEMORY": "failed", "NODE_FAIL": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+
 
 
 class CompareError(ValueError):
@@ -115,58 +108,6 @@ def member_dirs(path: Path) -> list[Path]:
         raise CompareError(f"{path} holds no run: expected a run directory (with {CONFIG_NAME} or {SUMMARY_NAME}) "
                            f"or a sweep directory of them")
     return members
-
-
-def is_running(path: Path) -> bool:
-    """Whether a job holds the run directory's lock now (mnist_add.rundir.RunDirLock)."""
-    lock = path / LOCK_NAME
-    if not lock.is_file():
-        return False
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:  # a filesystem without flock: nothing to tell
-        return False
-    finally:
-        os.close(fd)
-
-
-def read_index(sweep_dir: Path) -> dict[str, str]:
-    """{member name: SLURM job id} from the sweep's sweep.json; empty without one."""
-    path = sweep_dir / SWEEP_INDEX
-    members = json.loads(path.read_text())["members"] if path.is_file() else {}
-    return {name: entry["job_id"] for name, entry in members.items()}
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """{job id: its SLURM state now}, from sacct; empty where SLURM does not answer. Asked by array (sacct
-    shows an array's pending tasks only as one line of the array, such as `7_[2-5%2]`)."""
-    if not job_ids:
-        return {}
-    arrays = ",".join(dict.fromkeys(job.split("_")[0] for job in job_ids))
-    try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", arrays],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    states = {task: state.split()[0] for job, state in (line.split("|", 1) for line in out.splitlines() if "|" in line)
-              for task in array_tasks(job)}
-    return {job: states[job] for job in job_ids if job in states}
-
-
-def array_tasks(job: str) -> list[str]:
-    """sacct's job ids, one line of pending array tasks made into the tasks: `7_[2-4,6%2]` -> 7_2, 7_3, 7_4, 7_6."""
-    found = re.fullmatch(r"(\d+)_\[([\d,-]+)(?:%\d+)?\]", job)
-    if found is None:
-        return [job]
-    tasks = []
-    for part in found.group(2).split(","):
-        first, _, last = part.partition("-")
-        tasks += [f"{found.group(1)}_{i}" for i in range(int(first), int(last or first) + 1)]
-    return tasks
 
 
 def member_status(summary: dict, lock_held: bool, slurm_state: str | None) -> str:

@@ -76,6 +76,23 @@ class RunDirLock:
             self.fd = None
 
 
+def is_running(path: Path) -> bool:
+    """Whether a job holds the run directory's lock now (mnist_add.rundir.RunDirLock)."""
+    lock = path / LOCK_NAME
+    if not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without flock: nothing to tell
+        return False
+    finally:
+        os.close(fd)
+
+
 def has_results(run_dir: Path) -> bool:
     """Whether an earlier launch left anything a fresh start would overwrite or append to."""
     checkpoints = run_dir / "checkpoints"
