@@ -16,7 +16,7 @@ from mnist_add.config import load_config
 from mnist_add.data import Batch
 from mnist_add.distributed import Runtime
 from mnist_add.precision import configure_kernels
-from mnist_add.train import build_learner
+from mnist_add.learner import build_learner
 
 WARMUP_STEPS = 10
 

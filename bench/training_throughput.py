@@ -13,7 +13,8 @@ from common import bench_args, logged_samples_per_s
 from mnist_add.config import load_config
 from mnist_add.data import Batch
 from mnist_add.distributed import Runtime
-from mnist_add.train import build_learner, train
+from mnist_add.learner import build_learner
+from mnist_add.train import train
 
 
 def end_to_end(cfg) -> float:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 SWEEP_INDEX = "sweep.json"  # in a sweep directory: {"name": ..., "members": {member name: {"job_id": ...}}}
-# SLURM job states (sacct) of a member without a completed summary, by what compare calls them
+# SLURM job states (sacct) of a member without a completed summary, by what mnist_add.compare calls them
 SLURM_STATUS = {"RUNNING": "running", "COMPLETING": "running", "PENDING": "pending", "REQUEUED": "pending",
                 "SUSPENDED": "pending", "FAILED": "failed", "CANCELLED": "failed", "TIMEOUT": "failed",
                 "OUT_OF_MEMORY": "failed", "NODE_FAIL": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
@@ -48,3 +48,11 @@ def array_tasks(job: str) -> list[str]:
         first, _, last = part.partition("-")
         tasks += [f"{found.group(1)}_{i}" for i in range(int(first), int(last or first) + 1)]
     return tasks
+
+
+def member_states(sweep_dir: Path, job_states=slurm_states) -> dict[str, str | None]:
+    """{member name: running, pending, failed, or None where SLURM does not say} for each member sweep.json
+    records; `job_states` asks SLURM (slurm_states). mnist_add.compare's hook (pyproject.toml's entry points)."""
+    jobs = read_index(sweep_dir)
+    states = job_states(sorted(set(jobs.values())))
+    return {name: SLURM_STATUS.get(states.get(job, "")) for name, job in jobs.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from job.cluster import SLURM_STATUS, SWEEP_INDEX, read_index, slurm_states
+from job.cluster import SWEEP_INDEX, member_states, slurm_states
 from mnist_add.config import ConfigError, load_config, training_config
 from mnist_add.rundir import completed_run, is_running
 
@@ -120,14 +120,12 @@ def plan(files: list[str], overrides: list[str], axis_specs: list[str], schema: 
     if len({m.name for m in members}) < len(members):
         raise ConfigError(f"--sweep values give members the same folder name ({', '.join(m.name for m in members)}); "
                           f"use values that differ in letters, digits or . _ = + -")
-    jobs = read_index(sweep_dir)
-    states = job_states(sorted(jobs[m.name] for m in members if m.name in jobs))
+    states = member_states(sweep_dir, job_states)
     to_run, finished, running = [], [], []
     for member in members:
         if completed_run(training_config(member.cfg)) is not None:
             finished.append(member)
-        elif is_running(Path(member.cfg.run.dir)) or \
-                SLURM_STATUS.get(states.get(jobs.get(member.name, ""), "")) in ("running", "pending"):
+        elif is_running(Path(member.cfg.run.dir)) or states.get(member.name) in ("running", "pending"):
             running.append(member)
         else:
             to_run.append(member)

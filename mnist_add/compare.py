@@ -9,9 +9,9 @@ between them, except the seed (trainer.seed) and keys that do not change what is
 the test digit, sum and both accuracy of summary.json, and of the wall time: summary.json's
 `segment_wall_time_s`, the wall time of the segment that completed the run (the whole run unless it
 was resumed). Members without a completed summary.json are listed and left out of the statistics:
-running (a job holds the run directory's lock, or SLURM says so), pending or failed (SLURM's state of
-the member's job, from the sweep's sweep.json that `job.submit --sweep` writes), or unfinished (stopped,
-or no job state known).
+running (a job holds the run directory's lock, or the scheduler says so), pending or failed (the scheduler's
+state of the member's job, which the launcher that submitted the sweep tells through the `mnist_add.job_states`
+hook: `job/` registers SLURM's), or unfinished (stopped, or no job state known).
 
 Writes into --out (default: the first DIR's compare/) and prints the paths written:
     accuracy.png    per accuracy, each group's mean with a ± std error bar
@@ -26,13 +26,13 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from job.cluster import SLURM_STATUS, read_index, slurm_states
 from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, flatten, is_running
 from mnist_add.tracking import read_metrics
 
@@ -42,6 +42,10 @@ WALL_TIME = "wall_time_s"  # from summary["segment_wall_time_s"]
 STATISTICS = (*ACCURACIES, WALL_TIME)
 CURVE_METRIC = "test/acc_sum"
 RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, LOCK_NAME)  # any of them marks a run directory
+# Entry-point group of the launchers' hooks `f(sweep_dir) -> {member name: "pending" | "running" | "failed" | None}`,
+# one entry per member the launcher submitted (None: the scheduler does not say). job/ registers SLURM's
+# (pyproject.toml), so this package asks no scheduler itself.
+JOB_STATES_HOOK = "mnist_add.job_states"
 
 
 
@@ -97,32 +101,40 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
 
 
-def member_dirs(path: Path) -> list[Path]:
-    """The run directory itself, or the run directories directly inside a sweep directory (and those its
-    sweep.json names that have not started yet)."""
+def member_dirs(path: Path, submitted: list[str]) -> list[Path]:
+    """The run directory itself, or the run directories directly inside a sweep directory (and the `submitted`
+    members that have not started yet)."""
     if is_run_dir(path):
         return [path]
     found = {child for child in path.iterdir() if is_run_dir(child)} if path.is_dir() else set()
-    members = sorted(found | {path / name for name in read_index(path)})
+    members = sorted(found | {path / name for name in submitted})
     if not members:
         raise CompareError(f"{path} holds no run: expected a run directory (with {CONFIG_NAME} or {SUMMARY_NAME}) "
                            f"or a sweep directory of them")
     return members
 
 
-def member_status(summary: dict, lock_held: bool, slurm_state: str | None) -> str:
+def job_states(sweep_dir: Path) -> dict[str, str | None]:
+    """{member name: its job's state} for every member a launcher submitted into sweep_dir, from the hooks."""
+    states: dict[str, str | None] = {}
+    for hook in entry_points(group=JOB_STATES_HOOK):
+        states.update(hook.load()(sweep_dir))
+    return states
+
+
+def member_status(summary: dict, lock_held: bool, job_state: str | None) -> str:
     if summary.get("status") == "completed":
         return "completed"
     if lock_held:
         return "running"
-    return SLURM_STATUS.get(slurm_state or "", "unfinished")
+    return job_state or "unfinished"
 
 
-def read_member(path: Path, slurm_state: str | None = None) -> Member:
+def read_member(path: Path, job_state: str | None = None) -> Member:
     config_path, summary_path = path / CONFIG_NAME, path / SUMMARY_NAME
     config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    status = member_status(summary, is_running(path), slurm_state)
+    status = member_status(summary, is_running(path), job_state)
     if status != "completed":
         return Member(path, config, status)
     results = {name: summary["test"][name] for name in ACCURACIES}
@@ -253,10 +265,10 @@ def write_figures(groups: list[Group], out: Path) -> list[Path]:
 
 
 def compare(dirs: list[Path]) -> Comparison:
-    paths = [path for directory in dirs for path in member_dirs(directory)]
-    job_ids = {directory / name: job for directory in dirs for name, job in read_index(directory).items()}
-    states = slurm_states(sorted(set(job_ids.values())))
-    members = [read_member(path, states.get(job_ids.get(path, ""))) for path in paths]
+    members = []
+    for directory in dirs:
+        states = job_states(directory)
+        members += [read_member(path, states.get(path.name)) for path in member_dirs(directory, list(states))]
     keys, groups = group_members([m for m in members if m.config])
     return Comparison(keys, groups, [m for m in members if not m.config])
 

@@ -5,7 +5,8 @@ from torch.overrides import TorchFunctionMode
 
 from mnist_add.agreement import Agreement, fingerprint_share
 from mnist_add.distributed import StopSignals
-from mnist_add.train import Learner, Progress, train
+from mnist_add.learner import Learner
+from mnist_add.train import Progress, train
 
 # Every way a Python value is read out of a tensor; on a GPU each waits for the queued work.
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_module
-from mnist_add.compare import compare, curve_band, draw_accuracy, draw_curves, main, member_status, slurm_states
+from mnist_add.compare import compare, curve_band, draw_accuracy, draw_curves, job_states, main, member_status
 from mnist_add.config import load_config, to_dict
 from mnist_add.rundir import RunDirLock
 
@@ -161,21 +161,18 @@ def test_a_directory_without_runs_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.count("\n") == 1 and "holds no run" in result.stderr
 
 
-@pytest.mark.parametrize("summary, lock_held, slurm_state, status", [
-    ({"status": "completed"}, False, "FAILED", "completed"),  # the summary is the last word
+@pytest.mark.parametrize("summary, lock_held, job_state, status", [
+    ({"status": "completed"}, False, "failed", "completed"),  # the summary is the last word
     ({}, True, None, "running"),
-    ({}, False, "RUNNING", "running"),
-    ({}, False, "PENDING", "pending"),
-    ({}, False, "REQUEUED", "pending"),
-    ({}, False, "FAILED", "failed"),
-    ({}, False, "OUT_OF_MEMORY", "failed"),
-    ({}, False, "CANCELLED", "failed"),
+    ({}, False, "running", "running"),
+    ({}, False, "pending", "pending"),
+    ({}, False, "failed", "failed"),
     ({"status": "stopped"}, False, None, "unfinished"),
-    ({}, False, "COMPLETED", "unfinished"),  # ended without a summary: stopped, not failed
+    ({}, False, None, "unfinished"),  # no job state known: stopped, or ended without a summary
 ])
-def test_a_member_without_a_completed_summary_is_named_by_its_lock_or_slurm_state(summary, lock_held, slurm_state,
-                                                                                  status):
-    assert member_status(summary, lock_held, slurm_state) == status
+def test_a_member_without_a_completed_summary_is_named_by_its_lock_or_job_state(summary, lock_held, job_state,
+                                                                               status):
+    assert member_status(summary, lock_held, job_state) == status
 
 
 def test_members_of_sweep_json_that_have_not_started_are_listed_apart(sweep, capsys):
@@ -189,14 +186,14 @@ def test_members_of_sweep_json_that_have_not_started_are_listed_apart(sweep, cap
     assert "unfinished: " + str(sweep / "heads-joint_seed-9") + " (left out)" in capsys.readouterr().out
 
 
-def test_pending_array_tasks_have_their_state_though_sacct_shows_them_as_one_line(monkeypatch):
-    asked = []
-
-    def sacct(command, **kwargs):
-        asked.append(command[command.index("-j") + 1])
-        return subprocess.CompletedProcess(command, 0, stdout="7_0|COMPLETED\n7_1|RUNNING\n7_[2-4,6%2]|PENDING\n"
-                                                              "9|FAILED\n")
-    monkeypatch.setattr(subprocess, "run", sacct)
-    assert slurm_states(["7_3", "7_6", "7_1", "9", "7_5"]) == {"7_3": "PENDING", "7_6": "PENDING",
-                                                                 "7_1": "RUNNING", "9": "FAILED"}
-    assert asked == ["7,9"]  # by array: `sacct -j 7_3` shows nothing while task 3 is pending
+def test_the_job_states_of_a_sweep_come_from_the_hook_that_job_registers(sweep, monkeypatch):
+    (sweep / "sweep.json").write_text(json.dumps({"name": "sweep", "members": {
+        "heads-separate_seed-2": {"job_id": "7_2"}, "heads-separate_seed-3": {"job_id": "7_3"},
+        "heads-joint_seed-9": {"job_id": "7_9"}}}))
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
+        command, 0, stdout="7_2|FAILED\n7_[3,9]|PENDING\n"))  # sacct, as job.cluster asks it
+    assert job_states(sweep) == {"heads-separate_seed-2": "failed", "heads-separate_seed-3": "pending",
+                                 "heads-joint_seed-9": "pending"}
+    excluded = {m.path.name: m.status for m in compare([sweep]).excluded}
+    assert excluded == {"heads-separate_seed-2": "failed", "heads-separate_seed-3": "pending",
+                        "heads-joint_seed-9": "pending"}

@@ -12,7 +12,8 @@ from mnist_add import checkpoint
 from mnist_add.evaluate import evaluate, load_model
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
-from mnist_add.train import Learner, build_datasets, train
+from mnist_add.learner import Learner
+from mnist_add.train import build_datasets, train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")]

@@ -14,7 +14,7 @@ from test_slurm import (HOLD_AT, LONG, assert_bitwise_equal, expected_fingerprin
                         slurm_cluster, summary)  # noqa: F401 (slurm_cluster: a fixture)
 from job import sweep
 from job.submit import SubmitConfig, main
-from mnist_add.compare import slurm_states
+from job.cluster import slurm_states
 from mnist_add.config import ConfigError, training_config
 from mnist_add.rundir import RunDirLock
 

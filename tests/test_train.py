@@ -14,7 +14,8 @@ from mnist_add.distributed import Runtime
 from mnist_add.evaluate import evaluate, load_model
 from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
-from mnist_add.train import DivergenceError, Progress, build_learner, check_weights_finite, main, train
+from mnist_add.learner import build_learner
+from mnist_add.train import DivergenceError, Progress, check_weights_finite, main, train
 from mnist_add.tracking import read_metrics
 
 EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpoints=100")
