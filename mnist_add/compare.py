@@ -1,12 +1,13 @@
 """Compare runs across seeds: the members of sweeps (or single runs), grouped by what they compute.
 
-    python -m mnist_add.compare DIR [DIR ...] [--out DIR] [--json]
+    python -m mnist_add.compare DIR [DIR ...] [--score test|val|best-test] [--out DIR] [--json]
 
 Each DIR is a run directory (it holds config.yaml, summary.json, metrics.jsonl) or a sweep directory
 whose sub-folders are run directories. Members are grouped by every config key whose value differs
 between them, except the seed (trainer.seed) and keys that do not change what is computed
 (`mnist_add.rundir.OPERATIONAL_KEYS`). Per group it prints n and mean ± std (over seeds, sample std) of
-the test digit, sum and both accuracy of summary.json, and of the wall time: summary.json's
+the digit, sum and both accuracy of summary.json (--score: the final weights' test score by default, their
+validation score, or best.pt's test score), and of the wall time: summary.json's
 `segment_wall_time_s`, the wall time of the segment that completed the run (the whole run unless it
 was resumed). Members without a completed summary.json are listed and left out of the statistics:
 running (a job holds the run directory's lock, or the scheduler says so), pending or failed (the scheduler's
@@ -15,7 +16,7 @@ hook: `job/` registers SLURM's), or unfinished (stopped, or no job state known).
 
 Writes into --out (default: the first DIR's compare/) and prints the paths written:
     accuracy.png    per accuracy, each group's mean with a ± std error bar
-    curves.png      test sum accuracy over steps (metrics.jsonl), per group the mean with a ± std band over seeds
+    curves.png      validation sum accuracy over steps (metrics.jsonl), per group the mean with a ± std band
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_K
 from mnist_add.tracking import read_metrics
 
 SEED_KEY = "trainer.seed"
-ACCURACIES = ("acc_digit", "acc_sum", "acc_both")  # summary["test"] keys
+ACCURACIES = ("acc_digit", "acc_sum", "acc_both")  # keys of each score in summary.json
+# --score: where in summary.json a member's score is, and what it is called
+SCORES = {"test": (("test",), "test"), "val": (("val",), "validation"), "best-test": (("best", "test"), "best.pt test")}
 WALL_TIME = "wall_time_s"  # from summary["segment_wall_time_s"]
 STATISTICS = (*ACCURACIES, WALL_TIME)
-CURVE_METRIC = "test/acc_sum"
+CURVE_METRIC = "val/acc_sum"
 RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, LOCK_NAME)  # any of them marks a run directory
 # Entry-point group of the launchers' hooks `f(sweep_dir) -> {member name: "pending" | "running" | "failed" | None}`,
 # one entry per member the launcher submitted (None: the scheduler does not say). job/ registers SLURM's
@@ -58,7 +61,7 @@ class Member:
     """One run directory of a sweep: its config (flat keys), its state, and its results when completed."""
     path: Path
     config: dict[str, Any]
-    status: str  # completed, running, pending, failed, unfinished
+    status: str  # completed, running, pending, failed, unfinished, or "no <score> score" (a run from before it)
     results: dict[str, float] = field(default_factory=dict)  # STATISTICS keys, completed members only
 
 
@@ -81,6 +84,7 @@ class Comparison:
     keys: list[str]  # the config keys that differ between members (seed and operational keys aside)
     groups: list[Group]
     unstarted: list[Member]  # no config.yaml yet: queued, or failed before training started
+    score: str = "test"  # a key of SCORES: which score of summary.json the statistics are over
 
     @property
     def excluded(self) -> list[Member]:
@@ -130,14 +134,19 @@ def member_status(summary: dict, lock_held: bool, job_state: str | None) -> str:
     return job_state or "unfinished"
 
 
-def read_member(path: Path, job_state: str | None = None) -> Member:
+def read_member(path: Path, job_state: str | None = None, score: str = "test") -> Member:
     config_path, summary_path = path / CONFIG_NAME, path / SUMMARY_NAME
     config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     status = member_status(summary, is_running(path), job_state)
     if status != "completed":
         return Member(path, config, status)
-    results = {name: summary["test"][name] for name in ACCURACIES}
+    scores = summary
+    for key in SCORES[score][0]:
+        scores = scores.get(key) or {}
+    if not scores:  # a run from before validation existed, or one that held nothing out
+        return Member(path, config, f"no {SCORES[score][1]} score")
+    results = {name: scores[name] for name in ACCURACIES}
     results[WALL_TIME] = summary["segment_wall_time_s"]
     return Member(path, config, status, results)
 
@@ -168,7 +177,7 @@ def group_members(members: list[Member]) -> tuple[list[str], list[Group]]:
 
 def to_json(comparison: Comparison, figures: list[Path]) -> dict:
     keys, groups = comparison.keys, comparison.groups
-    return {"keys": keys,
+    return {"keys": keys, "score": comparison.score,
             "wall_time": "summary.json segment_wall_time_s: the segment that completed each run",
             "groups": [{"values": group.values, "n": len(group.completed),
                         "members": [str(m.path) for m in group.completed], **group.stats()} for group in groups],
@@ -185,7 +194,8 @@ def format_stat(stat: dict[str, float | None], scale: float, digits: int) -> str
 
 def format_table(comparison: Comparison) -> str:
     keys, groups = comparison.keys, comparison.groups
-    header = [*(keys or ["runs"]), "n", "digit %", "sum %", "both %", "wall time s"]
+    label = SCORES[comparison.score][1]
+    header = [*(keys or ["runs"]), "n", f"{label} digit %", "sum %", "both %", "wall time s"]
     rows = []
     for group in groups:
         stats = group.stats()
@@ -208,7 +218,7 @@ def new_figure(cols: int, size: tuple[float, float]):
     return figure, figure.subplots(1, cols, squeeze=False)[0]
 
 
-def draw_accuracy(groups: list[Group]) -> Figure:
+def draw_accuracy(groups: list[Group], score: str = "test") -> Figure:
     """One panel per accuracy: each group's mean over seeds with a ± std error bar (none for n < 2)."""
     figure, axes = new_figure(len(ACCURACIES), (4 * len(ACCURACIES), 4))
     shown = [group for group in groups if group.completed]
@@ -217,7 +227,7 @@ def draw_accuracy(groups: list[Group]) -> Figure:
             stat = group.stats()[name]
             ax.errorbar([x], [100 * stat["mean"]], yerr=[100 * (stat["std"] or 0)], fmt="o", capsize=4,
                         label=f"{group_label(group)} (n={len(group.completed)})")
-        ax.set(title=f"test {name.removeprefix('acc_')} accuracy (%)", xticks=range(len(shown)),
+        ax.set(title=f"{SCORES[score][1]} {name.removeprefix('acc_')} accuracy (%)", xticks=range(len(shown)),
                xticklabels=[f"{group_label(group)}\nn={len(group.completed)}" for group in shown])
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(True, axis="y", alpha=0.3)
@@ -225,7 +235,7 @@ def draw_accuracy(groups: list[Group]) -> Figure:
 
 
 def curve_band(members: list[Member]) -> tuple[list[int], list[float], list[float]]:
-    """(steps, mean, std) of the test sum accuracy over members, at the steps every member evaluated."""
+    """(steps, mean, std) of the validation sum accuracy over members, at the steps every member evaluated."""
     curves = [{r["step"]: r[CURVE_METRIC] for r in read_metrics(m.path) if CURVE_METRIC in r}
               for m in members if (m.path / METRICS_NAME).is_file()]
     if not curves:
@@ -236,7 +246,7 @@ def curve_band(members: list[Member]) -> tuple[list[int], list[float], list[floa
 
 
 def draw_curves(groups: list[Group]) -> Figure:
-    """Test sum accuracy over steps: per group the mean over seeds and a ± std band."""
+    """Validation sum accuracy over steps: per group the mean over seeds and a ± std band."""
     figure, axes = new_figure(1, (7, 4.5))
     ax = axes[0]
     for index, group in enumerate(groups):
@@ -248,43 +258,46 @@ def draw_curves(groups: list[Group]) -> Figure:
                 label=f"{group_label(group)} (n={len(group.completed)})")
         ax.fill_between(steps, [100 * (m - s) for m, s in zip(mean, std)], [100 * (m + s) for m, s in zip(mean, std)],
                         color=color, alpha=0.2)
-    ax.set(title="test sum accuracy (%), mean ± std over seeds", xlabel="step")
+    ax.set(title="validation sum accuracy (%), mean ± std over seeds", xlabel="step")
     ax.grid(True, alpha=0.3)
     if ax.has_data():
         ax.legend()
     return figure
 
 
-def write_figures(groups: list[Group], out: Path) -> list[Path]:
+def write_figures(comparison: Comparison, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, figure in (("accuracy.png", draw_accuracy(groups)), ("curves.png", draw_curves(groups))):
+    for name, figure in (("accuracy.png", draw_accuracy(comparison.groups, comparison.score)),
+                         ("curves.png", draw_curves(comparison.groups))):
         figure.savefig(out / name)
         written.append(out / name)
     return written
 
 
-def compare(dirs: list[Path]) -> Comparison:
+def compare(dirs: list[Path], score: str = "test") -> Comparison:
     members = []
     for directory in dirs:
         states = job_states(directory)
-        members += [read_member(path, states.get(path.name)) for path in member_dirs(directory, list(states))]
+        members += [read_member(path, states.get(path.name), score) for path in member_dirs(directory, list(states))]
     keys, groups = group_members([m for m in members if m.config])
-    return Comparison(keys, groups, [m for m in members if not m.config])
+    return Comparison(keys, groups, [m for m in members if not m.config], score)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep or run directories")
+    parser.add_argument("--score", choices=list(SCORES), default="test",
+                        help="the final weights' test score (default), their validation score, or best.pt's test score")
     parser.add_argument("--out", type=Path, help="folder for the figures (default: the first DIR's compare/)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     args = parser.parse_args(argv)
     try:
-        comparison = compare(args.dirs)
+        comparison = compare(args.dirs, args.score)
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    figures = write_figures(comparison.groups, args.out or args.dirs[0] / "compare")
+    figures = write_figures(comparison, args.out or args.dirs[0] / "compare")
     if args.json:
         print(json.dumps(to_json(comparison, figures), indent=2))
     else:

@@ -78,7 +78,9 @@ class DataConfig:
     root: str = "${oc.env:MNIST_ADD_DATA_ROOT,data}"  # folder holding MNIST/raw/ (torchvision's layout); the
     # environment variable MNIST_ADD_DATA_ROOT sets it for training and the tests alike
     download: bool = True  # fetch MNIST through torchvision when the files are missing
-    train_samples: int = ranged(0, ge=0, le=60_000)  # use only the first N training images (0: all 60k)
+    val_samples: int = ranged(5000, ge=0, le=59_000)  # training images held out for validation, a fixed random
+    # choice: best.pt and every choice read them, never the test set (0: train on all 60k, nothing to choose on)
+    train_samples: int = ranged(0, ge=0, le=60_000)  # use only the first N training images not held out (0: all)
     test_samples: int = ranged(0, ge=0, le=10_000)  # evaluate on the first N test images (0: all 10k)
     augment: bool = True  # random affine on whole training batches
     max_rotation_deg: float = ranged(10.0, ge=0, le=180)
@@ -149,6 +151,8 @@ class TrainerConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
     compile: bool = False  # torch.compile the model (after the DDP wrap) for training and evaluation
     max_steps: int = ranged(0, ge=0)  # stop after this many steps in total (0: run all epochs); for tests and benches
+    test_every_epoch: bool = False  # also score the test set after every epoch, for curves labelled test; never
+    # used to choose anything (the test set is always scored at the end, for the final weights and best.pt)
 
 
 @dataclass
@@ -267,6 +271,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optim.swa_epochs >= cfg.trainer.epochs:
         raise ConfigError(f"optim.swa_epochs={cfg.optim.swa_epochs} leaves no epoch for the one-cycle schedule "
                           f"before it: make it less than trainer.epochs={cfg.trainer.epochs}")
+    if cfg.data.train_samples + cfg.data.val_samples > 60_000:
+        raise ConfigError(f"data.train_samples={cfg.data.train_samples} and data.val_samples={cfg.data.val_samples} "
+                          f"add up to more than the 60000 training images; lower either")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
 
@@ -295,7 +302,8 @@ def training_config(cfg: DictConfig) -> DictConfig:
 
 
 # What a config written before a key existed computed with, where that differs from the key's default today.
-BEFORE_KEYS_EXISTED = {"model": {"hidden": 128, "pool_first": False, "activation": Activation.relu}}
+BEFORE_KEYS_EXISTED = {"model": {"hidden": 128, "pool_first": False, "activation": Activation.relu},
+                       "data": {"val_samples": 0}}
 
 
 def upgraded(saved: DictConfig | dict) -> DictConfig:

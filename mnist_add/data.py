@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import MNIST
 
-from mnist_add.config import ConfigError
+from mnist_add.config import ConfigError, DataConfig
 
 MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, as the seed normalised
 NUM_ADDENDS = 10  # addends 0..9 inclusive (the seed's randrange(0, 9) never drew 9)
 NUM_SUMS = 19  # sums 0..18
 TEST_ADDEND_SEED = 20_240_601  # test pairs never change, whatever the training seed
+VAL_SPLIT_SEED = 20_261_204  # which training images are held out for validation: the same for every run
+VAL_ADDEND_SEED = 20_261_205  # validation pairs never change either
 IMAGE_SHAPE = (28, 28)
 
 
@@ -53,13 +55,16 @@ class MNISTAdd(MNIST):
     """MNIST images with a deterministic addend: item `i` is `(image, digit, addend, sum)`.
 
     The training split draws addend `i` uniformly from 0..9 as a function of (seed, epoch, i);
-    `set_epoch` moves to another draw. The test split has one fixed addend per image.
+    `set_epoch` moves to another draw. `holdout` training images (a fixed random choice, the same for
+    every run and world size) are held out of it: `validation=True` gives those instead, unaugmented.
+    The validation and test splits have one fixed addend per image.
     `batch(indices)` is the fast path: it indexes the uint8 tensor and normalises (and, with
     `augment`, randomly warps) the whole batch at once, on whatever device the data is on.
     """
 
     def __init__(self, root: str, train: bool = True, download: bool = False, seed: int = 0,
-                 num_samples: int = 0, augment: "Augment | None" = None):
+                 num_samples: int = 0, augment: "Augment | None" = None, holdout: int = 0,
+                 validation: bool = False):
         root = os.path.expanduser(root)
         try:
             super().__init__(root, train=train, download=download)
@@ -67,9 +72,14 @@ class MNISTAdd(MNIST):
             raise DatasetError(_explain_load_failure(self.raw_folder, download, err)) from err
         self._check_loaded(root)
         self.num_total = len(self.targets)
+        self.varies = train and not validation  # addends and warps change with the epoch
+        # Original indices of the images kept: addends and warps are drawn for all images and looked up by
+        # them, so that a subset sees the same pairs as the whole set.
+        self.source = split_indices(self.num_total, holdout, validation) if train else torch.arange(self.num_total)
         if num_samples:
-            self.data, self.targets = self.data[:num_samples], self.targets[:num_samples]
-        self.seed, self.augment = seed, augment if train else None
+            self.source = self.source[:num_samples]
+        self.data, self.targets = self.data[self.source], self.targets[self.source]
+        self.seed, self.augment = seed, augment if self.varies else None
         self.epoch, self.warp = 0, True
         self._per_epoch: tuple[tuple[int, bool] | int, torch.Tensor, torch.Tensor | None] | None = None
 
@@ -90,7 +100,7 @@ class MNISTAdd(MNIST):
 
     def set_epoch(self, epoch: int, warp: bool = True) -> None:
         """Training addends and augmentation change with the epoch; `warp=False` leaves this epoch's images
-        unwarped (its addends stay what they are). The test split ignores both."""
+        unwarped (its addends stay what they are). The validation and test splits ignore both."""
         self.epoch, self.warp = epoch, warp
 
     def to(self, device: torch.device) -> "MNISTAdd":
@@ -103,12 +113,13 @@ class MNISTAdd(MNIST):
         return self._epoch_tables()[1]
 
     def _epoch_tables(self) -> tuple[tuple[int, bool] | int, torch.Tensor, torch.Tensor | None]:
-        key = (self.epoch, self.warp) if self.train else 0
+        key = (self.epoch, self.warp) if self.varies else 0
         if self._per_epoch is None or self._per_epoch[0] != key:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch if self.train else TEST_ADDEND_SEED)
-            # Drawn for all 60k/10k images so that a subset sees the same addends as the full set.
-            addends = torch.randint(0, NUM_ADDENDS, (self.num_total,), generator=gen)[: len(self.targets)]
-            warps = self.augment.draw(self.num_total, gen)[: len(self.targets)] if self.augment and self.warp else None
+            seed = self.seed * 1_000_003 + self.epoch if self.varies else VAL_ADDEND_SEED if self.train \
+                else TEST_ADDEND_SEED
+            gen = torch.Generator().manual_seed(seed)
+            addends = torch.randint(0, NUM_ADDENDS, (self.num_total,), generator=gen)[self.source]
+            warps = self.augment.draw(self.num_total, gen)[self.source] if self.augment and self.warp else None
             device = self.data.device
             self._per_epoch = (key, addends.to(device), None if warps is None else warps.to(device))
         return self._per_epoch
@@ -127,6 +138,13 @@ class MNISTAdd(MNIST):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         images, digits, addends, sums = self.batch(torch.tensor([index]))
         return images[0], int(digits[0]), int(addends[0]), int(sums[0])
+
+
+def split_indices(num_total: int, holdout: int, validation: bool) -> torch.Tensor:
+    """[N] int64, ascending: the `holdout` images held out for validation (`validation`), or the others."""
+    held_out = torch.zeros(num_total, dtype=torch.bool)
+    held_out[torch.randperm(num_total, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))[:holdout]] = True
+    return torch.nonzero(held_out == validation).flatten()
 
 
 ELASTIC_GRID = 4  # control points per side of an elastic displacement field: bends about 9 px across
@@ -212,6 +230,27 @@ def _corrupt(raw: str, detail: str) -> str:
         f"MNIST files in {raw} are truncated or corrupt ({detail}). Delete them and download again "
         f"(data.download=true), or set data.root=DIR to a good copy."
     )
+
+
+class Splits(NamedTuple):
+    train: MNISTAdd
+    val: MNISTAdd | None  # the training images held out (data.val_samples); None when none are
+    test: MNISTAdd
+
+
+def build_datasets(cfg: DataConfig, seed: int, device: torch.device) -> Splits:
+    """The three splits as configured, on the GPU when training there and cfg.on_device."""
+    augment = Augment(cfg.max_rotation_deg, cfg.max_shift_px, cfg.max_scale_delta, cfg.max_elastic_px) \
+        if cfg.augment else None
+    splits = Splits(
+        MNISTAdd(cfg.root, train=True, download=cfg.download, seed=seed, num_samples=cfg.train_samples,
+                 augment=augment, holdout=cfg.val_samples),
+        MNISTAdd(cfg.root, train=True, holdout=cfg.val_samples, validation=True) if cfg.val_samples else None,
+        MNISTAdd(cfg.root, train=False, num_samples=cfg.test_samples))
+    if device.type == "cuda" and cfg.on_device:
+        for dataset in filter(None, splits):
+            dataset.to(device)
+    return splits
 
 
 class GlobalBatchSampler(DistributedSampler):

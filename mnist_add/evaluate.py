@@ -1,6 +1,6 @@
-"""Exact evaluation on the test set, sharded over ranks; `load_model`; and the evaluation CLI.
+"""Exact evaluation of a split, sharded over ranks; `load_model`; and the evaluation CLI.
 
-    python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/best.pt [--exhaustive] [--json]
+    python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/best.pt [--split val] [--exhaustive] [--json]
     torchrun --nproc_per_node=N -m mnist_add.evaluate --checkpoint ...   # sharded, same numbers
 """
 
@@ -116,9 +116,21 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[AddNet, D
     return model.to(device).eval(), cfg
 
 
+def load_split(split: str, root: str, val_samples: int) -> MNISTAdd:
+    """The whole test set, or the run's validation split."""
+    if split == "test":
+        return MNISTAdd(root, train=False)
+    if not val_samples:
+        raise DatasetError("this checkpoint's run held out no validation images (data.val_samples=0); "
+                           "evaluate --split test")
+    return MNISTAdd(root, train=True, holdout=val_samples, validation=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the MNIST-add test set.")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the MNIST-add test (or validation) set.")
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="the test set, or the validation images the run held out (data.val_samples)")
     parser.add_argument("--exhaustive", action="store_true", help="score every test image with all ten addends")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
@@ -129,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_model(args.checkpoint, runtime.device)
         if cfg.trainer.compile:  # evaluate as the run did
             model = torch.compile(model)
-        test_set = MNISTAdd(args.data_root or cfg.data.root, train=False, download=False).to(runtime.device)
-        result = evaluate(model, test_set, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
+        dataset = load_split(args.split, args.data_root or cfg.data.root, cfg.data.val_samples).to(runtime.device)
+        result = evaluate(model, dataset, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
     except (checkpoint.CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -3,9 +3,11 @@
     python -m mnist_add.report runs/default [--out DIR] [--data-root DIR]
 
 Writes into RUN_DIR/report/ (or --out) and prints the paths written:
-    loss.png                        per task, training and test loss over steps; the training loss is
-                                    label-smoothed (as config.yaml says), so it levels off above the test loss
-    accuracy.png                    per task, training and test error rate (1 - accuracy) over steps, log scale
+    loss.png                        per task, training and validation loss over steps, and the final test
+                                    score as a point; the training loss is label-smoothed (as config.yaml
+                                    says), so it levels off above the others
+    accuracy.png                    per task, training and validation error rate (1 - accuracy) over steps and
+                                    the final test point, log scale
     confusion_digit.png, confusion_sum.png, misclassified.png
                                     the test set scored by best.pt (else the newest step checkpoint)
 A run that is still going or was preempted works too: no summary.json is needed, and a run
@@ -34,7 +36,9 @@ from mnist_add.tracking import METRICS_NAME, read_metrics
 
 TASKS = ("digit", "sum")
 NUM_CLASSES = {"digit": NUM_DIGITS, "sum": NUM_SUMS}
-SPLITS = {"train": "train/", "test": "test/"}  # metrics.jsonl key prefix of each split: the evaluation is the test set
+# metrics.jsonl key prefix of each split, and how it is drawn: validation after every epoch, the test set at the end
+# (and every epoch with trainer.test_every_epoch)
+SPLITS = {"train": ("train/", "-"), "val": ("val/", "o-"), "test": ("test/", "s")}
 CONFIG_NAME = "config.yaml"  # the run's resolved config, beside metrics.jsonl
 MAX_SHOWN = 32  # misclassified test images in the grid: enough to see patterns, few enough to read
 GRID_COLUMNS = 8
@@ -77,7 +81,8 @@ def draw_losses(records: list[dict], smoothing: dict[str, float] | None) -> Figu
     for ax, task in zip(axes[0], TASKS):
         eps = None if smoothing is None else smoothing[task]
         train_label = "train" if eps is None else f"train (label smoothing {eps:g})" if eps else "train (no smoothing)"
-        plot_splits(ax, records, f"loss_{task}", {"train": train_label, "test": "test (no smoothing)"})
+        plot_splits(ax, records, f"loss_{task}", {"train": train_label, "val": "validation (no smoothing)",
+                                                   "test": "test (no smoothing)"})
         if eps:
             floor = smoothed_loss_floor(eps, NUM_CLASSES[task])
             ax.axhline(floor, color="C0", linestyle=":", linewidth=1,
@@ -93,7 +98,8 @@ def draw_error_rates(records: list[dict]) -> Figure:
     tenths of a percent, where runs differ, are as far apart as the first tens."""
     figure, axes = new_figure(1, len(TASKS), (10, 4))
     for ax, task in zip(axes[0], TASKS):
-        lines = plot_splits(ax, records, f"acc_{task}", {"train": "train", "test": "test"}, lambda acc: 1 - acc)
+        lines = plot_splits(ax, records, f"acc_{task}", {"train": "train", "val": "validation", "test": "test"},
+                            lambda acc: 1 - acc)
         ax.set(title=f"{task} error rate (1 - accuracy)", xlabel="step")
         ax.set_yscale("log")  # an error-free window (rate 0) leaves a gap: log(0) has no place
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
@@ -107,10 +113,11 @@ def draw_error_rates(records: list[dict]) -> Figure:
 
 
 def plot_splits(ax, records: list[dict], metric: str, labels: dict[str, str], transform=lambda value: value) -> list:
-    """The training curve and the test points of `metric` (e.g. loss_digit); returns the lines drawn."""
+    """The training and validation curves and the test points of `metric` (e.g. loss_digit); returns the lines
+    drawn."""
     lines = []
-    for split, style in (("train", "-"), ("test", "o-")):
-        steps, values = series(records, SPLITS[split] + metric)
+    for split, (prefix, style) in SPLITS.items():
+        steps, values = series(records, prefix + metric)
         if steps:  # a run cut short may not have evaluated yet
             lines += ax.plot(steps, [transform(value) for value in values], style, label=labels[split], markersize=4)
     return lines

@@ -34,7 +34,7 @@ LOCK_NAME = ".lock"
 # launched again with other values of these is still the same finished run.
 OPERATIONAL_KEYS = ("run.", "wandb.", "dist.", "data.root", "data.download", "trainer.num_threads",
                     "trainer.resume", "trainer.log_every_steps", "trainer.save_every_steps",
-                    "trainer.keep_checkpoints", "trainer.eval_batch_size")
+                    "trainer.keep_checkpoints", "trainer.eval_batch_size", "trainer.test_every_epoch")
 
 
 class RunDirError(RuntimeError):

@@ -195,8 +195,8 @@ def open_wandb_run(cfg: DictConfig, run_id: str | None):
                     str(err).splitlines()[0])
         wandb.teardown()  # the failed attempt still holds the run id in this process
         mode, run = "offline", wandb.init(mode="offline", **kwargs)
-    for key in ("test/acc_digit", "test/acc_sum", "test/acc_both", "test/acc_sum_given_digit"):
-        run.define_metric(key, summary="max")
+    for key in ("val/acc_digit", "val/acc_sum", "val/acc_both", "val/acc_sum_given_digit"):
+        run.define_metric(key, summary="max")  # the best epoch's; test/* keep the last, the final weights' score
     if mode == "offline":
         log.info("W&B run %s is offline in %s; upload with: wandb sync %s", run.id, run.settings.sync_dir,
                  Path(run.settings.sync_dir).parent / f"offline-run-*-{run.id}")

@@ -10,6 +10,7 @@ Rank 0 writes the run directory: config.yaml, metrics.jsonl, checkpoints/, summa
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -23,11 +24,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mnist_add import checkpoint, distributed
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, DataConfig, parse_args, to_dict, upgraded
-from mnist_add.data import Augment, DatasetError, GlobalBatchSampler, MNISTAdd, to_device
+from mnist_add.config import ConfigError, parse_args, to_dict, upgraded
+from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets, to_device
 from mnist_add.distributed import Runtime, StopSignals
-from mnist_add.evaluate import evaluate
+from mnist_add.evaluate import Evaluation, evaluate
 from mnist_add.learner import Learner, build_learner, recompute_batchnorm
+from mnist_add.model import build_model
 from mnist_add.precision import configure_kernels
 from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
                               write_config, write_summary)
@@ -37,8 +39,8 @@ log = logging.getLogger("mnist_add")
 
 # What a resumed run must share with its checkpoint: the data and schedule it continues, and what its weights
 # compute (another activation or last pool loads the same tensors without complaint).
-RESUME_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "optim.swa_epochs",
-               "model.activation", "model.overlap_last_pool")
+RESUME_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "data.val_samples",
+               "optim.swa_epochs", "model.activation", "model.overlap_last_pool")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Progress:
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # global batches completed in the current epoch
     step: int = 0  # optimiser steps completed in total
-    best_acc_sum: float = -1.0  # best test sum accuracy so far (decides best.pt)
+    best_acc_sum: float = -1.0  # best validation sum accuracy so far (decides best.pt)
     fingerprint: int = 0  # running checksum of the (index, addend) pairs trained on, in order
 
     def state_dict(self) -> dict:
@@ -104,7 +106,8 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     run_dir = Path(cfg.run.dir)
 
     # Data: the same global batches on any world size, on the GPU when training there.
-    train_set, test_set = build_datasets(cfg.data, cfg.trainer.seed, runtime.device)
+    splits = build_datasets(cfg.data, cfg.trainer.seed, runtime.device)
+    train_set = splits.train
     sampler = GlobalBatchSampler(train_set, cfg.trainer.batch_size, runtime.world_size, runtime.rank,
                                  cfg.trainer.seed)
     total_steps = cfg.trainer.epochs * sampler.steps_per_epoch
@@ -124,7 +127,10 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     bar = tqdm(total=total_steps, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
     window, agreement = StepWindow(runtime.device), Agreement(runtime.device)
-    result = None  # the latest test evaluation
+    validation = None  # the latest evaluation on the validation split
+    if splits.val is None and runtime.is_main:
+        log.info("data.val_samples=0: training on all %d images, nothing held out to choose on; best.pt is the "
+                 "final weights", len(train_set))
 
     def save(best: bool = False) -> Path:
         check_weights_finite(cfg, learner.model, progress, checkpointer)
@@ -167,41 +173,29 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                     if finished(progress, cfg):
                         break
 
-                # End of epoch (or of max_steps): evaluate, then checkpoint with the verdict on best.pt.
+                # End of epoch (or of max_steps): validate, then checkpoint with the verdict on best.pt.
                 if progress.step_in_epoch == sampler.steps_per_epoch:
                     progress.epoch += 1
                     progress.step_in_epoch = 0
                 check_weights_finite(cfg, learner.model, progress, checkpointer)
-                result = evaluate_and_log(cfg, runtime, learner, train_set, test_set, tracker, progress)
-                acc_sum = result.metrics()["test/acc_sum"]
-                best = acc_sum > progress.best_acc_sum
+                validation = evaluate_and_log(cfg, runtime, learner, splits, tracker, progress)
+                acc_sum = validation.metrics("")["acc_sum"] if validation else math.inf  # nothing held out:
+                best = acc_sum > progress.best_acc_sum  # the newest weights are the best there are
                 progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
                 save(best=best)
         except BaseException:
             tracker.finish(exit_code=1)
             raise
 
-    if result is None:  # resumed from the last step of a run killed before it wrote its summary
-        result = evaluate(learner.served, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum)
+    # The test set scores the final weights and best.pt, once, after every choice was made.
+    scores = final_scores(cfg, runtime, learner, splits, checkpointer, progress, validation)
     summary = {"status": "completed", "step": progress.step, "epoch": progress.epoch,
                "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
                "resumed_from": str(resumed_from) if resumed_from else None,
-               "segment_wall_time_s": round(time.perf_counter() - started, 2),
-               "test": result.metrics(prefix=""), "per_class": result.per_class()}
+               "segment_wall_time_s": round(time.perf_counter() - started, 2), **scores}
     finish_run(runtime, run_dir, summary, tracker)
     bar.close()
     return summary
-
-
-def build_datasets(cfg: DataConfig, seed: int, device: torch.device) -> tuple[MNISTAdd, MNISTAdd]:
-    augment = Augment(cfg.max_rotation_deg, cfg.max_shift_px, cfg.max_scale_delta, cfg.max_elastic_px) \
-        if cfg.augment else None
-    train_set = MNISTAdd(cfg.root, train=True, download=cfg.download, seed=seed,
-                         num_samples=cfg.train_samples, augment=augment)
-    test_set = MNISTAdd(cfg.root, train=False, download=False, num_samples=cfg.test_samples)
-    if device.type == "cuda" and cfg.on_device:
-        train_set.to(device), test_set.to(device)
-    return train_set, test_set
 
 
 def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
@@ -333,22 +327,57 @@ def report_progress(bar: tqdm, step: int, metrics: dict[str, float]) -> None:
         bar.set_postfix_str(line)
 
 
-def evaluate_and_log(cfg, runtime, learner, train_set, test_set, tracker, progress):
+def evaluate_and_log(cfg: DictConfig, runtime: Runtime, learner: Learner, splits: Splits, tracker,
+                     progress: Progress) -> Evaluation | None:
+    """Score the served weights on the validation split (and with trainer.test_every_epoch on the test set, for
+    curves only); returns the validation's Evaluation, None when nothing is held out."""
+    settle_served(cfg, runtime, learner, splits.train)
+    scored = {"val/": splits.val, **({"test/": splits.test} if cfg.trainer.test_every_epoch else {})}
+    results = {prefix: evaluate(learner.served, dataset, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
+                                learner.autocast) for prefix, dataset in scored.items() if dataset is not None}
+    metrics = {key: value for prefix, result in results.items() for key, value in result.metrics(prefix).items()}
+    if metrics:
+        tracker.log({**metrics, "epoch": progress.epoch}, progress.step)
+    if runtime.is_main:
+        for prefix, result in results.items():
+            m = result.metrics("")
+            log.info("step %d epoch %d: %s digit %.4f sum %.4f both %.4f", progress.step, progress.epoch,
+                     "validation" if prefix == "val/" else "test", m["acc_digit"], m["acc_sum"], m["acc_both"])
+    return results.get("val/")
+
+
+def settle_served(cfg: DictConfig, runtime: Runtime, learner: Learner, train_set: MNISTAdd) -> None:
+    """Before the served weights are evaluated or saved: an average's own BatchNorm statistics, and rank 0's
+    statistics on every rank."""
     if learner.average is not None:
         recompute_batchnorm(learner.average.module, train_set, cfg.trainer.eval_batch_size, runtime.device,
                             learner.autocast)
-    if runtime.is_distributed:  # BatchNorm statistics: evaluate and save rank 0's on every rank
+    if runtime.is_distributed:
         for module in [learner.model] + ([learner.average] if learner.average is not None else []):
             for buffer in module.buffers():
                 torch.distributed.broadcast(buffer, 0)
-    result = evaluate(learner.served, test_set, runtime, cfg.trainer.eval_batch_size, cfg.loss.sum,
-                      learner.autocast)
-    metrics = result.metrics()
-    tracker.log({**metrics, "epoch": progress.epoch}, progress.step)
-    if runtime.is_main:
-        log.info("step %d epoch %d: test digit %.4f sum %.4f both %.4f", progress.step, progress.epoch,
-                 metrics["test/acc_digit"], metrics["test/acc_sum"], metrics["test/acc_both"])
-    return result
+
+
+def final_scores(cfg: DictConfig, runtime: Runtime, learner: Learner, splits: Splits, checkpointer: Checkpointer,
+                 progress: Progress, validation: Evaluation | None) -> dict:
+    """The summary's scores: the final weights' on validation and test, and best.pt's step and scores.
+    `validation` is the final weights' validation score when this segment evaluated them."""
+    def scores(model: torch.nn.Module, dataset: MNISTAdd | None) -> Evaluation | None:
+        return None if dataset is None else evaluate(model, dataset, runtime, cfg.trainer.eval_batch_size,
+                                                     cfg.loss.sum, learner.autocast)
+
+    validation = validation or scores(learner.served, splits.val)  # None: resumed at the end, or nothing held out
+    test = scores(learner.served, splits.test)
+    final = {"val": None if validation is None else validation.metrics(""), "test": test.metrics("")}
+    distributed.barrier()  # rank 0 has written best.pt
+    state = checkpoint.load(checkpointer.directory / checkpoint.BEST_NAME, keys=(checkpoint.MODEL, checkpoint.PROGRESS))
+    best = {"step": state[checkpoint.PROGRESS]["step"], **final}
+    if best["step"] != progress.step:
+        model = build_model(cfg.model).to(runtime.device)
+        model.load_state_dict(checkpoint.served_weights(state))
+        best.update({split: None if result is None else result.metrics("") for split, result in
+                     (("val", scores(model, splits.val)), ("test", scores(model, splits.test)))})
+    return {**final, "per_class": test.per_class(), "best": best}
 
 
 def stop(runtime: Runtime, reasons: list[str], saved: Path, tracker, progress: Progress) -> dict:
@@ -362,11 +391,15 @@ def stop(runtime: Runtime, reasons: list[str], saved: Path, tracker, progress: P
 
 
 def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker) -> None:
+    best = summary["best"]
+    tracker.log({**{f"test/{key}": value for key, value in summary["test"].items()},
+                 **{f"best/test/{key}": value for key, value in best["test"].items()}}, summary["step"])
     tracker.log_per_class(summary["per_class"], summary["step"])
     if runtime.is_main:
         write_summary(run_dir, summary)
-        log.info("done: test digit %.4f sum %.4f both %.4f -> %s", summary["test"]["acc_digit"],
-                 summary["test"]["acc_sum"], summary["test"]["acc_both"], run_dir / SUMMARY_NAME)
+        log.info("done: test digit %.4f sum %.4f both %.4f; best.pt (step %d) test sum %.4f -> %s",
+                 summary["test"]["acc_digit"], summary["test"]["acc_sum"], summary["test"]["acc_both"],
+                 best["step"], best["test"]["acc_sum"], run_dir / SUMMARY_NAME)
     tracker.finish()
 
 

@@ -32,12 +32,15 @@ def write_run(run_dir: Path, heads: str, seed: int, *, completed: bool = True, *
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
     (accuracies, wall_time, curve) = RESULTS.get((heads, seed), ((0.5, 0.5, 0.5), 1.0, (0.1, 0.2)))
     records = [{"step": 4, "train/loss": 1.0, "time_s": 1.0}]
-    records += [{"step": step, "test/acc_sum": acc, "time_s": 2.0} for step, acc in zip((8, 16), curve)]
+    records += [{"step": step, "val/acc_sum": acc, "time_s": 2.0} for step, acc in zip((8, 16), curve)]
     records = records if completed else records[:2]  # stopped after its first evaluation
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if completed:
-        test = dict(zip(("acc_digit", "acc_sum", "acc_both"), accuracies))
-        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "step": 16, "test": test,
+        keys = ("acc_digit", "acc_sum", "acc_both")  # validation 1 point lower than test, best.pt 0.5 higher
+        test, val, best_test = ({key: acc + offset for key, acc in zip(keys, accuracies)}
+                                for offset in (0, -0.01, 0.005))
+        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "step": 16, "test": test, "val": val,
+                                                          "best": {"step": 8, "val": val, "test": best_test},
                                                           "segment_wall_time_s": wall_time}))
     return run_dir
 
@@ -197,3 +200,19 @@ def test_the_job_states_of_a_sweep_come_from_the_hook_that_job_registers(sweep, 
     excluded = {m.path.name: m.status for m in compare([sweep]).excluded}
     assert excluded == {"heads-separate_seed-2": "failed", "heads-separate_seed-3": "pending",
                         "heads-joint_seed-9": "pending"}
+
+
+@pytest.mark.parametrize("score, offset, label", [("test", 0, "test"), ("val", -0.01, "validation"),
+                                                  ("best-test", 0.005, "best.pt test")])
+def test_the_score_compared_is_the_final_test_score_unless_asked_for_another(sweep, capsys, score, offset, label):
+    old = write_run(sweep / "heads-joint_seed-5", "joint", 5)  # written before validation existed
+    summary = json.loads((old / "summary.json").read_text())
+    (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in ("val", "best")}))
+    result = compare([sweep], *([score] if score != "test" else []))
+    sums = [0.80, 0.84, 0.82] + ([0.5] if score == "test" else [])  # the old run has a test score only
+    assert by_heads(result.groups)["joint"].stats()["acc_sum"]["mean"] == pytest.approx(statistics.fmean(sums) + offset)
+    assert main([str(sweep), "--score", score]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model.heads  n  {label} digit %")
+    assert (f"no {label} score: {old} (left out)" in out) == (score != "test")
+    assert draw_accuracy(result.groups, score).axes[0].get_title() == f"{label} digit accuracy (%)"

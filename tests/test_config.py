@@ -96,7 +96,9 @@ def test_a_config_from_before_a_key_existed_reads_as_the_code_then_computed():
     old = to_dict(load_config([], []))
     for key in "hidden", "dropout", "pool_first", "activation":  # written before these existed
         del old["model"][key]
+    del old["data"]["val_samples"], old["trainer"]["test_every_epoch"]
     cfg, today = upgraded(old), load_config([], [])
+    assert cfg.data.val_samples == 0 and today.data.val_samples == 5000  # trained on all 60k, as runs did then
     then = cfg.model.hidden, cfg.model.pool_first, cfg.model.activation
     assert (*then, cfg.model.dropout) == (128, False, Activation.relu, 0.0)  # as it computed then
     assert all(a != b for a, b in zip(then, (today.model.hidden, today.model.pool_first, today.model.activation)))

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
-from mnist_add.config import ConfigError
-from mnist_add.data import ELASTIC_GRID, MEAN, NUM_ADDENDS, STD, Augment, DatasetError, GlobalBatchSampler, MNISTAdd
+from mnist_add.config import ConfigError, load_config
+from mnist_add.data import (ELASTIC_GRID, MEAN, NUM_ADDENDS, STD, Augment, DatasetError, GlobalBatchSampler, MNISTAdd,
+                            build_datasets)
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +266,29 @@ def test_loaded_files_with_a_bad_label_or_count_are_refused(data_root, tmp_path,
 def test_one_global_batch_may_take_the_whole_dataset(train_set):
     sampler = GlobalBatchSampler(train_set, len(train_set), 1, 0, seed=0)
     assert sampler.steps_per_epoch == 1 and len(next(iter(sampler))) == len(train_set)
+
+
+def test_the_validation_split_is_held_out_of_training_and_fixed(data_root):
+    cfg = load_config(["debug"], [f"data.root={data_root}", "data.val_samples=5000", "data.train_samples=0"])
+    splits = build_datasets(cfg.data, seed=1, device=torch.device("cpu"))
+    train, val = set(splits.train.source.tolist()), set(splits.val.source.tolist())
+    assert len(val) == 5000 and len(train) == 55_000 and not train & val  # disjoint, and together all 60k
+    full = MNIST(data_root, train=True)
+    assert torch.equal(splits.val.data, full.data[splits.val.source])
+    assert torch.equal(splits.train.data, full.data[splits.train.source])
+    again = build_datasets(cfg.data, seed=2, device=torch.device("cpu"))  # another run's seed: the same split
+    assert torch.equal(again.val.source, splits.val.source)
+    # Fixed pairs, unwarped: the validation split is scored as the test set is, whatever the epoch.
+    first = splits.val.batch(torch.arange(64))
+    splits.val.set_epoch(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, splits.val.batch(torch.arange(64))))
+    plain = (full.data[splits.val.source[:64]].unsqueeze(1).float() / 255 - MEAN) / STD
+    assert torch.allclose(first.images, plain, atol=1e-5)
+
+
+def test_training_subsets_and_nothing_held_out_read_as_before(data_root):
+    whole = MNISTAdd(data_root, train=True, seed=7, num_samples=300, holdout=0)
+    assert torch.equal(whole.source, torch.arange(300))  # data.val_samples=0: the old training images and pairs
+    held = MNISTAdd(data_root, train=True, seed=7, num_samples=300, holdout=5000)
+    every = MNISTAdd(data_root, train=True, seed=7)
+    assert torch.equal(held.addends(), every.addends()[held.source])  # a subset sees the full set's pairs

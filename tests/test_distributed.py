@@ -95,17 +95,20 @@ def test_two_ranks_train_on_the_single_process_sample_sequence(data_root, tmp_pa
         assert torch.allclose(final_weights(tmp_path / "two")[name], tensor, atol=1e-4), name
 
 
-def test_sharded_evaluation_counts_do_not_depend_on_the_world_size(uninterrupted, data_root):
+@pytest.mark.parametrize("split, pairs", [("test", 10_000), ("val", 256)])
+def test_sharded_evaluation_counts_do_not_depend_on_the_world_size(uninterrupted, data_root, split, pairs):
     best = str(uninterrupted / "checkpoints" / "best.pt")
     results = []
     for nproc in (1, 2, 3):
         launcher = torchrun(nproc) if nproc > 1 else ()
         result = run_module("mnist_add.evaluate", "--checkpoint", best, "--json", "--data-root", data_root,
-                            launcher=launcher)
+                            "--split", split, launcher=launcher)
         assert result.returncode == 0, result.stderr[-3000:]
         results.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    if split == "val":  # the split the 2-rank training chose best.pt on, rebuilt alike on 1, 2 and 3 ranks
+        assert results[0]["acc_sum"] == summary(uninterrupted)["best"]["val"]["acc_sum"]
     for other in results[1:]:
-        assert other["pairs"] == 10_000
+        assert other["pairs"] == pairs
         for key in ("acc_digit", "acc_sum", "acc_both", "acc_sum_given_digit"):
             assert other[key] == results[0][key], key  # ratios of identical integer counts
         assert other["loss_sum"] == results[0]["loss_sum"] and other["loss_digit"] == results[0]["loss_digit"]

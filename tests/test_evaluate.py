@@ -173,3 +173,17 @@ def test_counts_and_losses_are_those_of_scoring_every_pair_directly(data_root, o
     assert result.both_correct == int(((digit_pred == batch.digits) & (sum_pred == batch.sums)).sum())
     loss_digit, loss_sum = task_losses(outputs, batch.digits, batch.sums, sum_loss, reduction="sum")
     assert (result.loss_digit, result.loss_sum) == pytest.approx((loss_digit.item(), loss_sum.item()), rel=1e-5)
+
+
+def test_cli_scores_the_validation_images_the_run_held_out(trained, data_root, tmp_path, capsys):
+    run, summary = trained
+    eval_batch_size = load_model(f"{run}/checkpoints/best.pt")[1].trainer.eval_batch_size
+    assert main(["--checkpoint", f"{run}/checkpoints/best.pt", "--json", "--split", "val", "--data-root", data_root,
+                 "--batch-size", str(eval_batch_size)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["pairs"] == 256 and {key: metrics[key] for key in summary["val"]} == summary["best"]["val"]
+    train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}", "data.val_samples=0",
+                                  "trainer.max_steps=2", "trainer.num_threads=1"]))
+    assert main(["--checkpoint", f"{tmp_path}/checkpoints/best.pt", "--split", "val"]) == 1
+    assert capsys.readouterr().err == ("error: this checkpoint's run held out no validation images "
+                                       "(data.val_samples=0); evaluate --split test\n")

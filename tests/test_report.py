@@ -30,14 +30,15 @@ def finished_run(tmp_path_factory, data_root) -> Path:
 
 @pytest.fixture
 def preempted_run(finished_run, tmp_path) -> Path:
-    """The same run as if killed before its evaluation: no summary, no best.pt, no evaluation
+    """The same run as if killed before its evaluation: no summary, no best.pt, no validation or test
     records, and a last line cut short mid-write."""
     run = tmp_path / "preempted"
     shutil.copytree(finished_run, run)
     (run / "summary.json").unlink()
     (run / "checkpoints" / "best.pt").unlink()
     metrics = run / "metrics.jsonl"
-    lines = [line for line in metrics.read_text().splitlines(keepends=True) if SPLITS["test"] not in line]
+    lines = [line for line in metrics.read_text().splitlines(keepends=True)
+             if SPLITS["val"][0] not in line and SPLITS["test"][0] not in line]
     metrics.write_text("".join(lines) + '{"step": 20, "train/lo')
     return run
 
@@ -85,8 +86,9 @@ def test_a_run_without_checkpoints_gets_the_learning_curves_only(finished_run, t
 def test_curves_take_train_and_validation_points_from_their_own_records(finished_run, preempted_run):
     records = read_metrics(finished_run)
     assert series(records, "train/loss_digit")[0] == [4, 8, 12, 16]
-    assert series(records, SPLITS["test"] + "acc_sum")[0] == [16]
-    assert series(read_metrics(preempted_run), SPLITS["test"] + "acc_sum") == ([], [])
+    assert series(records, SPLITS["val"][0] + "acc_sum")[0] == [16]
+    assert series(records, SPLITS["test"][0] + "acc_sum")[0] == [16]  # the final score, after training
+    assert series(read_metrics(preempted_run), SPLITS["val"][0] + "acc_sum") == ([], [])
 
 
 def panels(figure) -> dict[str, object]:
@@ -103,11 +105,12 @@ def test_accuracy_figure_plots_error_rates_on_a_log_scale(finished_run):
     records = read_metrics(finished_run)
     for task, ax in panels(draw_error_rates(records)).items():
         assert ax.get_yscale() == "log"
-        train_line, test_line = ax.get_lines()
-        for line, split in ((train_line, "train"), (test_line, "test")):
-            accuracies = series(records, f"{SPLITS[split]}acc_{task}")[1]
+        train_line, val_line, test_line = ax.get_lines()
+        for line, split in ((train_line, "train"), (val_line, "val"), (test_line, "test")):
+            accuracies = series(records, f"{SPLITS[split][0]}acc_{task}")[1]
             assert list(line.get_ydata()) == pytest.approx([1 - acc for acc in accuracies])
         assert legend_labels(ax) == [f"train, last {100 * train_line.get_ydata()[-1]:.2f}%",
+                                     f"validation, last {100 * val_line.get_ydata()[-1]:.2f}%",
                                      f"test, last {100 * test_line.get_ydata()[-1]:.2f}%"]
 
 
@@ -115,8 +118,9 @@ def test_test_accuracies_of_99_5_and_99_7_percent_lie_visibly_apart():
     """A run climbing from 70%: on the old 0.6-1.0 linear axis these two points were under 2 pixels apart."""
     records = [{"step": 10 * i, "train/acc_digit": acc, "train/acc_sum": acc}
                for i, acc in enumerate((0.7, 0.9, 0.97, 0.99, 0.995, 0.996), start=1)]
-    records += [{"step": 60, f"{SPLITS['test']}acc_digit": 0.995, f"{SPLITS['test']}acc_sum": 0.995},
-                {"step": 70, f"{SPLITS['test']}acc_digit": 0.997, f"{SPLITS['test']}acc_sum": 0.997}]
+    val = SPLITS["val"][0]
+    records += [{"step": 60, f"{val}acc_digit": 0.995, f"{val}acc_sum": 0.995},
+                {"step": 70, f"{val}acc_digit": 0.997, f"{val}acc_sum": 0.997}]
     ax = panels(draw_error_rates(records))["digit"]
     (_, y_99_5), (_, y_99_7) = ax.transData.transform([(60, 0.005), (70, 0.003)])
     assert y_99_5 - y_99_7 > 15  # pixels
@@ -126,9 +130,10 @@ def test_loss_legend_says_training_is_smoothed_and_testing_is_not(finished_run):
     smoothing = label_smoothing(finished_run)
     assert smoothing == {"digit": 0.15, "sum": 0.0}  # the debug run: default smoothing, structured sum head
     by_task = panels(draw_losses(read_metrics(finished_run), smoothing))
-    assert legend_labels(by_task["digit"]) == ["train (label smoothing 0.15)", "test (no smoothing)",
+    assert legend_labels(by_task["digit"]) == ["train (label smoothing 0.15)", "validation (no smoothing)",
+                                               "test (no smoothing)",
                                                "lowest train loss possible (smoothing 0.15): 0.69"]
-    assert legend_labels(by_task["sum"]) == ["train (no smoothing)", "test (no smoothing)"]
+    assert legend_labels(by_task["sum"]) == ["train (no smoothing)", "validation (no smoothing)", "test (no smoothing)"]
     floor_line = by_task["digit"].get_lines()[-1]
     assert list(floor_line.get_ydata()) == pytest.approx([smoothed_loss_floor(0.15, 10)] * 2)
 
@@ -143,7 +148,7 @@ def test_sum_loss_is_labelled_smoothed_only_for_a_free_sum_head(data_root, tmp_p
 def test_without_config_yaml_the_training_curve_makes_no_smoothing_claim(finished_run, tmp_path):
     assert label_smoothing(tmp_path) is None
     by_task = panels(draw_losses(read_metrics(finished_run), None))
-    assert legend_labels(by_task["digit"]) == ["train", "test (no smoothing)"]
+    assert legend_labels(by_task["digit"]) == ["train", "validation (no smoothing)", "test (no smoothing)"]
 
 
 @pytest.mark.parametrize("smoothing, num_classes", [(0.1, 10), (0.1, 19), (0.3, 10)])

@@ -45,10 +45,11 @@ def test_wandb_mirrors_metrics_jsonl_per_task(make_cfg, tmp_path):
     assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
     last = scalar_rows(run)[16]
     for key in ("train/loss_digit", "train/loss_sum", "train/loss", "train/acc_digit", "train/acc_sum",
-                "test/loss_digit", "test/loss_sum", "test/acc_digit", "test/acc_sum", "test/acc_both",
-                "test/acc_sum_given_digit", "lr", "samples_per_s", "epoch"):
+                "val/loss_digit", "val/loss_sum", "val/acc_digit", "val/acc_sum", "val/acc_both",
+                "val/acc_sum_given_digit", "test/acc_sum", "best/test/acc_sum", "lr", "samples_per_s", "epoch"):
         assert key in last, key
-    assert run["summary"]["test/acc_sum"]["max"] == last["test/acc_sum"]  # accuracies summarise as max
+    assert run["summary"]["val/acc_sum"]["max"] == last["val/acc_sum"]  # validation summarises as its best
+    assert run["summary"]["test/acc_sum"] == last["test/acc_sum"]  # the test set as the final weights' score
     assert run["history"][-1]["test/per_class"]["_type"] == "table-file"  # the final per-class accuracy table
 
 
@@ -82,9 +83,11 @@ def test_only_rank_zero_writes_metrics_and_creates_a_run(data_root, tmp_path, is
     [run] = offline_runs(tmp_path / "run")
     assert run["exit_code"] == 0
     assert not list(isolated_wandb.rglob("offline-run-*"))  # no other rank wrote anywhere else
-    # Each record once: training every 4 of the 16 steps, the evaluation at the end.
-    records = Counter((r["step"], "test/acc_sum" in r) for r in read_metrics(tmp_path / "run"))
-    assert records == {(4, False): 1, (8, False): 1, (12, False): 1, (16, False): 1, (16, True): 1}
+    # Each record once: training every 4 of the 16 steps, the validation at the epoch's end, the test at the end.
+    kinds = Counter((r["step"], next(k for k in ("train", "val", "test") if f"{k}/acc_sum" in r))
+                    for r in read_metrics(tmp_path / "run"))
+    assert kinds == {(4, "train"): 1, (8, "train"): 1, (12, "train"): 1, (16, "train"): 1, (16, "val"): 1,
+                     (16, "test"): 1}
     # And each is rank 0's: its timings equal those of the W&B run, which only rank 0 has.
     assert scalar_rows(run) == jsonl_rows(tmp_path / "run")
 

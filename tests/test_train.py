@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mnist_add.train
 from conftest import run_module
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer, CheckpointError
@@ -14,7 +16,7 @@ from mnist_add.distributed import Runtime
 from mnist_add.evaluate import evaluate, load_model
 from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
-from mnist_add.learner import build_learner
+from mnist_add.learner import Learner, build_learner
 from mnist_add.train import DivergenceError, Progress, check_weights_finite, main, train
 from mnist_add.tracking import read_metrics
 
@@ -55,6 +57,7 @@ def test_resuming_from_a_mid_epoch_checkpoint_is_bitwise_exact(make_cfg, tmp_pat
     resumed = train(make_cfg(*EXACT, *extra, run_dir=cut))
     assert resumed["resumed_from"].endswith(f"step-{cut_at:08d}.pt")
     assert resumed["test"] == expected["test"] and resumed["fingerprint"] == expected["fingerprint"]
+    assert resumed["val"] == expected["val"] and resumed["best"] == expected["best"]
     final = [checkpoint.load(run / "checkpoints/step-00000032.pt") for run in (tmp_path / "whole", cut)]
     for key in (checkpoint.MODEL, checkpoint.AVERAGE) if extra else (checkpoint.MODEL,):
         for name, tensor in final[0][key].items():
@@ -204,7 +207,7 @@ def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
 
 
 @pytest.mark.parametrize("key,other", [("trainer.seed", 1), ("trainer.batch_size", 64), ("trainer.epochs", 3),
-                                       ("data.train_samples", 256), ("optim.swa_epochs", 1),
+                                       ("data.train_samples", 256), ("data.val_samples", 128), ("optim.swa_epochs", 1),
                                        ("model.activation", "relu"), ("model.overlap_last_pool", True)])
 def test_resuming_with_another_data_sequence_schedule_or_activation_is_refused(make_cfg, key, other):
     train(make_cfg("trainer.epochs=2", "trainer.max_steps=8"))
@@ -213,15 +216,67 @@ def test_resuming_with_another_data_sequence_schedule_or_activation_is_refused(m
         train(make_cfg("trainer.epochs=2", f"{key}={other}"))
 
 
-def test_best_pt_holds_the_evaluation_with_the_highest_sum_accuracy_across_resumes(make_cfg, tmp_path):
+def test_best_pt_holds_the_validation_with_the_highest_sum_accuracy_across_resumes(make_cfg, tmp_path):
     train(make_cfg("trainer.epochs=3", "trainer.max_steps=24"))  # stops mid-epoch 2, after one evaluation
-    train(make_cfg("trainer.epochs=3"))
-    evaluations = [r for r in read_metrics(tmp_path / "run") if "test/acc_sum" in r]
+    summary = train(make_cfg("trainer.epochs=3"))
+    evaluations = [r for r in read_metrics(tmp_path / "run") if "val/acc_sum" in r]
     assert [r["step"] for r in evaluations] == [16, 24, 32, 48]  # max_steps ends with an evaluation too
-    best = max(evaluations, key=lambda r: r["test/acc_sum"])
+    best = max(evaluations, key=lambda r: r["val/acc_sum"])
     saved = checkpoint.load(tmp_path / "run/checkpoints/best.pt")
-    assert saved[checkpoint.PROGRESS]["step"] == best["step"]
-    assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["test/acc_sum"]
+    assert saved[checkpoint.PROGRESS]["step"] == best["step"] == summary["best"]["step"]
+    assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["val/acc_sum"] == summary["best"]["val"]["acc_sum"]
+
+
+@pytest.mark.parametrize("seed, case", [(3, "test would choose another epoch"), (7, "best is not the final epoch")])
+def test_best_pt_is_the_validation_argmax_and_is_scored_on_test_at_the_end(make_cfg, tmp_path, seed, case):
+    summary = train(make_cfg("trainer.epochs=4", "optim.lr=0.05", f"trainer.seed={seed}",
+                             "trainer.test_every_epoch=true"))
+    records = [r for r in read_metrics(tmp_path / "run") if "val/acc_sum" in r]
+    val, test = ({r["step"]: r[f"{split}/acc_sum"] for r in records} for split in ("val", "test"))
+    best = max(val, key=val.get)
+    assert list(val.values()).count(val[best]) == 1  # no tie decides it
+    if case == "test would choose another epoch":
+        assert max(test, key=test.get) != best
+    else:
+        assert best != summary["step"]
+    assert checkpoint_step(tmp_path / "run/checkpoints/best.pt") == best == summary["best"]["step"]
+    assert summary["best"]["test"]["acc_sum"] == test[best]  # best.pt scored on test at the end
+    assert summary["test"]["acc_sum"] == test[summary["step"]]
+
+
+def test_the_test_set_is_scored_only_after_training_unless_asked_every_epoch(make_cfg, tmp_path, monkeypatch):
+    scored = []  # (split, steps trained when scored)
+    real_evaluate, real_step = mnist_add.train.evaluate, Learner.step
+
+    def evaluate(model, dataset, *args, **kwargs):
+        scored.append(("test" if not dataset.train else "val", steps[0]))
+        return real_evaluate(model, dataset, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        steps[0] += 1
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(mnist_add.train, "evaluate", evaluate)
+    monkeypatch.setattr(Learner, "step", step)
+    steps = [0]
+    train(make_cfg("trainer.epochs=2", run_dir=tmp_path / "a"))
+    assert [split for split, at in scored if at < 32] == ["val"]  # epoch 1: validation only
+    assert sorted(split for split, at in scored if at == 32) in (["test", "val"], ["test", "test", "val"])
+    scored.clear(), steps.clear(), steps.append(0)
+    train(make_cfg("trainer.epochs=2", "trainer.test_every_epoch=true", run_dir=tmp_path / "b"))
+    assert sorted(split for split, at in scored if at < 32) == ["test", "val"]
+
+
+def test_with_nothing_held_out_training_uses_every_image_and_best_pt_is_the_final_weights(make_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mnist_add")
+    summary = train(make_cfg("trainer.epochs=2", "data.val_samples=0", "data.train_samples=0",
+                             "trainer.max_steps=20"))
+    assert summary["val"] is None and summary["best"]["step"] == summary["step"] == 20
+    assert summary["best"]["test"] == summary["test"]
+    best, final = weights(tmp_path / "run", "best.pt"), weights(tmp_path / "run", "step-00000020.pt")
+    assert all(torch.equal(best[key], final[key]) for key in final)
+    said = ("data.val_samples=0: training on all 60000 images, nothing held out to choose on; "
+            "best.pt is the final weights")
+    assert [r.getMessage() for r in caplog.records].count(said) == 1
 
 
 def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path, monkeypatch):
