@@ -14,6 +14,7 @@ resumes from the run directory and continues the same W&B run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -163,18 +164,24 @@ def wait_for_sweep(plan: sweep.SweepPlan, jobs: list) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__.splitlines()[0])
+def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, DictConfig, sweep.SweepPlan | None]:
+    """The arguments, the validated config and, with --sweep, the sweep's plan; submits nothing. A mistake raises
+    ConfigError or RunDirError (argparse's own exit 2 for a malformed command line)."""
+    parser = build_parser("job.submit", __doc__.splitlines()[0])
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
     parser.add_argument("--sweep", nargs="+", action="extend", default=[], metavar="key=v1,v2",
                         help="one run per combination of the values, under run.dir, as SLURM job arrays")
     args = parser.parse_intermixed_args(argv)
+    axes, trailing = sweep.separate_overrides(args.sweep)
+    overrides = [*args.overrides, *trailing]
+    cfg = load_config(args.config, overrides, schema=SubmitConfig)
+    validate(cfg.job)
+    return args, cfg, sweep.plan(args.config, overrides, axes, SubmitConfig) if axes else None
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        axes, trailing = sweep.separate_overrides(args.sweep)
-        overrides = [*args.overrides, *trailing]
-        cfg = load_config(args.config, overrides, schema=SubmitConfig)
-        validate(cfg.job)
-        sweep_plan = sweep.plan(args.config, overrides, axes, SubmitConfig) if axes else None
+        args, cfg, sweep_plan = read_command_line(argv)
     except (ConfigError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,12 +77,20 @@ def _fsync_dir(directory: Path) -> None:
 def load(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a checkpoint on the CPU, requiring `keys`; any file that is not one raises CheckpointError."""
     path = Path(path)
+    try:
+        return _load(path, keys)
+    except OSError as err:  # unreadable, a name too long
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror}") from None
+
+
+def _load(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; pass a .pt file (for example {path}/{BEST_NAME})")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist{_instead(path)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (a save that never finished?); {_USE_ANOTHER}")
+    _verify_checksums(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle and EOF errors all mean the same thing here
@@ -93,6 +102,28 @@ def load(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a torch file but not an mnist-add checkpoint (no {', '.join(missing)}); "
                               f"pass a step-*.pt or {BEST_NAME} written by mnist_add.train")
     return state
+
+
+def _verify_checksums(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 for every record, which torch.load never checks: a flipped
+    bit in a tensor would load as a silently wrong weight. zipfile's testzip checks them all."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch file that loads: "
+                              f"{type(err).__name__}); {_USE_ANOTHER}") from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (its record {damaged} fails its checksum); {_USE_ANOTHER}")
+
+
+def _instead(missing: Path) -> str:
+    """For a best.pt not written yet: when it comes, and the step checkpoint that is there now."""
+    if missing.name != BEST_NAME:
+        return ""
+    steps = Checkpointer(missing.parent, keep=0, write=False).step_paths()
+    now = f"; the newest checkpoint now is {steps[0]}" if steps else ""
+    return f" yet: it is written at the first epoch's end, with the first validation{now}"
 
 
 class Checkpointer:
@@ -133,7 +164,8 @@ class Checkpointer:
             self._prune()
         return path
 
-    def restore_newest(self, restore: Callable[[dict[str, Any]], None], keys: tuple[str, ...] = ()) -> Path | None:
+    def restore_newest(self, restore: Callable[[dict[str, Any], Path], None],
+                       keys: tuple[str, ...] = ()) -> Path | None:
         """Apply the newest step checkpoint that loads (with `keys`) and fits; warn about and skip bad ones.
 
         Returns the path used, or None when the folder has no checkpoint. When checkpoints exist
@@ -142,7 +174,7 @@ class Checkpointer:
         failures = []
         for path in self.step_paths():
             try:
-                restore(load(path, keys))
+                restore(load(path, keys), path)
                 return path
             except CheckpointError as err:
                 log.warning("skipping checkpoint: %s", err)

@@ -21,7 +21,6 @@ Writes into --out (default: the first DIR's compare/) and prints the paths writt
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,7 +33,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, flatten, is_running
+from mnist_add.config import cli_parser, flatten
+from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, is_running
 from mnist_add.tracking import read_metrics
 
 SEED_KEY = "trainer.seed"
@@ -285,7 +285,7 @@ def compare(dirs: list[Path], score: str = "test") -> Comparison:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser("mnist_add.compare", __doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep or run directories")
     parser.add_argument("--score", choices=list(SCORES), default="test",
                         help="the final weights' test score (default), their validation score, or best.pt's test score")
@@ -294,10 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         comparison = compare(args.dirs, args.score)
+        figures = write_figures(comparison, args.out or args.dirs[0] / "compare")
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    figures = write_figures(comparison, args.out or args.dirs[0] / "compare")
+    except OSError as err:  # a path too long, a folder that cannot be written
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(to_json(comparison, figures), indent=2))
     else:

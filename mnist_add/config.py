@@ -135,7 +135,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    seed: int = ranged(0, ge=0)
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
     epochs: int = ranged(10, ge=1)
     batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
     eval_batch_size: int = ranged(1000, ge=1)  # test images per evaluation batch; each rank scores whole
@@ -196,7 +196,8 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
         cfg = OmegaConf.structured(schema)
         for path in files:
             cfg = OmegaConf.merge(cfg, _load_yaml(_existing(path)))
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, _from_dotlist(list(overrides)))
+        OmegaConf.to_container(cfg, resolve=True)  # an interpolation that cannot resolve fails here, not mid-run
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
     check_bounds(cfg, schema)
@@ -205,9 +206,23 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
     return cfg
 
 
+def _from_dotlist(overrides: list[str]) -> DictConfig:
+    """`key=value` items, each value read as YAML (as OmegaConf does), one line for one that is not."""
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"the value of {item.partition('=')[0]!r} is not valid YAML ({problem}); quote it or "
+                              f"fix it: key=value") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
 def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text: a config is a YAML file (UTF-8)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -274,21 +289,54 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.train_samples + cfg.data.val_samples > 60_000:
         raise ConfigError(f"data.train_samples={cfg.data.train_samples} and data.val_samples={cfg.data.val_samples} "
                           f"add up to more than the 60000 training images; lower either")
+    for key, value in flatten(to_dict(cfg)).items():
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"{key} holds a NUL character, which no path or name may hold")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+class OneLineParser(argparse.ArgumentParser):
+    """The command lines' parser: a usage mistake reads like every other error, one line and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def cli_parser(module: str, description: str) -> OneLineParser:
+    """A parser whose usage names the command as it is run (`python -m mnist_add.evaluate`, not evaluate.py)."""
+    return OneLineParser(prog=f"python -m {module}", description=description)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"section.key": value}, lists as tuples (hashable, for grouping)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def build_parser(module: str, description: str) -> argparse.ArgumentParser:
     """The command line shared by the entry points: `[--config FILE ...] [key=value ...]`."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = cli_parser(module, description)
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML file merged over the defaults (repeatable; a name from configs/ works too)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, applied last")
     return parser
 
 
-def parse_args(argv: list[str] | None, description: str) -> DictConfig:
-    args = build_parser(description).parse_intermixed_args(argv)
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None, module: str, description: str) -> DictConfig:
+    args = build_parser(module, description).parse_intermixed_args(argv)
     return load_config(args.config, args.overrides)
 
 

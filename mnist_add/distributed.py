@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mnist_add.config import DistConfig
+from mnist_add.config import ConfigError, DistConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,38 @@ def _slurm_rendezvous(env=os.environ) -> dict[str, str]:
     return found
 
 
+def local_world_size(env=os.environ) -> int:
+    """How many ranks share this node: torchrun's and submitit's LOCAL_WORLD_SIZE; elsewhere (srun) at least the
+    ranks below this one."""
+    return int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else launcher_ranks(env)[1] + 1
+
+
+def choose_device(local_rank: int, ranks_here: int, num_gpus: int, backend: str) -> torch.device:
+    """This rank's device: its own GPU; GPUs shared round-robin when the node has more ranks than GPUs, which gloo
+    allows and NCCL refuses; the CPU when no GPU is visible."""
+    if num_gpus == 0:
+        return torch.device("cpu")
+    if ranks_here > num_gpus and backend == "nccl":
+        raise ConfigError(f"{ranks_here} ranks on this node but {num_gpus} GPU(s), and NCCL runs one rank per GPU: "
+                          f"launch --nproc_per_node={num_gpus}, set dist.backend=gloo to share the GPUs, or choose "
+                          f"the GPUs with CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank % num_gpus)
+
+
 def setup(cfg: DistConfig) -> Runtime:
     """Join the process group when launched as several ranks; pick this rank's device."""
     rank, local_rank, world_size = launcher_ranks()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if num_gpus else "gloo")
+    device = choose_device(local_rank, local_world_size(), num_gpus, backend)
+    if num_gpus:
         torch.cuda.set_device(device)
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") == "" and rank == 0:
+        log.info("CUDA_VISIBLE_DEVICES is empty: running on the CPU")
     if world_size > 1 and not dist.is_initialized():
         warn_about_shared_torchrun_store()
         if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:
             os.environ.update(_slurm_rendezvous())
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(rank, local_rank, world_size, device)
@@ -189,6 +209,7 @@ class StopSignals:
         self.signals = stop_signals(env)
         self.reasons = tuple(signum.name for signum in self.signals) + (self.AGENT_DIED,)  # the same on every rank
         self.received: signal.Signals | None = None
+        self.aborting = False
         self.previous: dict[signal.Signals, object] = {}
         # torchrun starts each worker as a child of its agent, in a session of its own.
         self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in env else None
@@ -200,12 +221,18 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            if not (signum == signal.SIGINT and self.aborting):  # further Ctrl-Cs would interrupt the clean-up
+                signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
-        self.received = signal.Signals(signum)
+            # A second Ctrl-C: the user does not want to wait for the checkpoint. A third, while the process
+            # winds down, would only add a traceback, so from now on Ctrl-C is ignored.
+            self.aborting = True
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            raise KeyboardInterrupt
+        if self.received is None:  # the stop line names the first signal: torchrun follows a Ctrl-C with TERM
+            self.received = signal.Signals(signum)
 
     def reason(self) -> str | None:
         """Why this process should stop at the next step boundary (one of `reasons`), or None."""

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -18,7 +17,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_add import checkpoint, distributed
-from mnist_add.config import DistConfig, SumLoss, upgraded
+from mnist_add.config import DistConfig, SumLoss, cli_parser, positive_int, upgraded
 from mnist_add.data import NUM_ADDENDS, NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime, all_reduce_sum
 from mnist_add.model import NUM_DIGITS, AddNet, build_model, task_losses
@@ -127,14 +126,14 @@ def load_split(split: str, root: str, val_samples: int) -> MNISTAdd:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the MNIST-add test (or validation) set.")
+    parser = cli_parser("mnist_add.evaluate", "Evaluate a checkpoint on the MNIST-add test (or validation) set.")
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="the test set, or the validation images the run held out (data.val_samples)")
     parser.add_argument("--exhaustive", action="store_true", help="score every test image with all ten addends")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=positive_int, default=1000, help="images per evaluation batch")
     args = parser.parse_args(argv)
     runtime = distributed.setup(DistConfig())
     try:
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(model, dataset, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
     except (checkpoint.CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         distributed.teardown()
     metrics = {"pairs": result.num_pairs, **result.metrics(prefix="")}

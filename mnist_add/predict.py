@@ -13,12 +13,14 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 from mnist_add.checkpoint import CheckpointError
+from mnist_add.config import cli_parser
 from mnist_add.data import IMAGE_SHAPE, MEAN, NUM_ADDENDS, STD, DatasetError, MNISTAdd
 from mnist_add.evaluate import load_model
 
@@ -35,11 +37,22 @@ def prepare_image(image: Image.Image) -> torch.Tensor:
     image = ImageOps.exif_transpose(image)  # a phone photo stores "rotate me" apart from its pixels
     if "A" in image.getbands():  # transparent paper: lay it on white, as drawing programs show it
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    pixels = pil_to_tensor(image.convert("L"))[0].float().div(255)  # [H, W] in [0, 1]
-    ink = _ink(pixels)
+    ink = _ink(grey_levels(image))
     rows, cols = torch.nonzero(ink > INK_THRESHOLD, as_tuple=True)
     digit = _fit_into_box(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
     return _centre_by_mass(digit).sub(MEAN).div(STD)[None, None]
+
+
+def grey_levels(image: Image.Image) -> torch.Tensor:
+    """[H, W] in [0, 1]. 8-bit images by 255; a float or 16/32-bit integer image (a float TIFF in 0..1, a 16-bit
+    PNG) by its own range, which converting it to 8 bits would clip to black."""
+    if image.mode not in ("F", "I", "I;16", "I;16B", "I;16L"):
+        return pil_to_tensor(image.convert("L"))[0].float().div(255)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64).copy())
+    if not pixels.isfinite().all():
+        raise InputError("the image holds NaN or infinite pixel values")
+    low, high = pixels.min(), pixels.max()
+    return ((pixels - low) / (high - low) if high > low else pixels * 0).float()
 
 
 def _ink(pixels: torch.Tensor) -> torch.Tensor:
@@ -112,23 +125,36 @@ def addend_arg(text: str) -> int:
     return int(text)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # Usage mistakes read like every other error of this tool: one line, no usage block.
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = cli_parser("mnist_add.predict", __doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("image", nargs="?", metavar="IMAGE", help="a PNG/JPEG of one digit, any size")
-    source.add_argument("--index", type=int, metavar="N", help="use MNIST test image N instead of an IMAGE file")
-    parser.add_argument("addend", type=addend_arg, metavar="ADDEND", help="the number added to the digit, 0..9")
+    # IMAGE and ADDEND are read together, so that a mistake names the argument that is wrong or missing.
+    parser.add_argument("inputs", nargs="+", metavar="[IMAGE] ADDEND",
+                        help="a PNG/JPEG/TIFF of one digit, any size (or --index N), and the number added to it, 0..9")
+    parser.add_argument("--index", type=int, metavar="N", help="use MNIST test image N instead of an IMAGE file")
     parser.add_argument("--data-root", metavar="DIR",
                         help="folder holding MNIST/raw/ for --index (default: the checkpoint's data.root)")
     parser.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.image, addend = image_and_addend(parser, args.inputs, args.index)
+    try:
+        args.addend = addend_arg(addend)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument ADDEND: {err}")
+    return args
+
+
+def image_and_addend(parser: argparse.ArgumentParser, inputs: list[str], index: int | None) -> tuple[str | None, str]:
+    """(IMAGE or None with --index, ADDEND) from the positional arguments, or a usage error naming what is off."""
+    if index is not None and len(inputs) == 1:
+        return None, inputs[0]
+    if index is None and len(inputs) == 2:
+        return inputs[0], inputs[1]
+    if index is not None:
+        parser.error("give --index N or an IMAGE, not both; then the ADDEND (0..9)")
+    if len(inputs) == 1 and not inputs[0].isdigit():
+        parser.error(f"the ADDEND (0..9) is missing after IMAGE {inputs[0]}")
+    parser.error("give an IMAGE file (or --index N) and then the ADDEND (0..9)")
 
 
 def main(argv: list[str] | None = None) -> int:

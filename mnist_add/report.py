@@ -16,7 +16,6 @@ without a checkpoint yet gets the learning curves only.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, load_config
+from mnist_add.config import ConfigError, cli_parser, load_config
 from mnist_add.data import NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.evaluate import evaluate, load_model
@@ -207,19 +206,22 @@ def write_report(run_dir: Path, out: Path, data_root: str | None = None) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser("mnist_add.report", __doc__.splitlines()[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run directory of mnist_add.train")
     parser.add_argument("--out", type=Path, help="where the figures go (default: RUN_DIR/report)")
     parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
     args = parser.parse_args(argv)
-    if not (args.run_dir / METRICS_NAME).is_file():
-        print(f"error: {args.run_dir} has no {METRICS_NAME}: not a run directory of mnist_add.train, "
-              f"or the run has not logged a step yet", file=sys.stderr)
-        return 1
     try:
+        if not (args.run_dir / METRICS_NAME).is_file():
+            print(f"error: {args.run_dir} has no {METRICS_NAME}: not a run directory of mnist_add.train, "
+                  f"or the run has not logged a step yet", file=sys.stderr)
+            return 1
         written = write_report(args.run_dir, args.out or args.run_dir / "report", args.data_root)
     except (CheckpointError, ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a path too long, a folder that cannot be written
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1
     print("\n".join(str(path) for path in written))
     return 0

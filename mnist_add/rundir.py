@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_add.config import to_dict, upgraded
+from mnist_add.config import flatten, to_dict, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ class RunDirLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_NAME
         self.fd: int | None = None
+        self.made: list[Path] = []  # what acquire created: the lock file, then the folders, deepest first
 
     def acquire(self) -> None:
+        self.made = [p for p in (self.path, self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -71,9 +73,20 @@ class RunDirLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # the lock file stays: unlinking it would race with the next job's open
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.path in self.made and os.listdir(self.path.parent) == [LOCK_NAME]:
+            # A launch refused before it wrote anything leaves the file system as it found it. Otherwise the lock
+            # file stays: unlinking it would race with the next job's open (here only a launch into the same new
+            # run.dir in the same instant could race, and it was refused while this one held the lock).
+            self.path.unlink()
+            try:
+                for folder in self.made[1:]:
+                    folder.rmdir()
+            except OSError:  # something else came to live there meanwhile: it stays
+                pass
+        os.close(self.fd)
+        self.fd = None
 
 
 def is_running(path: Path) -> bool:
@@ -126,17 +139,6 @@ def completed_run(cfg: DictConfig) -> dict | None:
     return summary if same else None
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {"section.key": value}, lists as tuples (hashable, for grouping)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
 def write_config(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, Path(cfg.run.dir) / CONFIG_NAME, resolve=True)
 
@@ -171,6 +173,9 @@ _FIXES = {
     errno.EPERM: "set run.dir to a folder you may write to",
     errno.ENOTDIR: "a part of the path is a file, not a folder: set run.dir to a folder path",
     errno.EEXIST: "a file stands where a folder should: set run.dir to a folder path",
+    errno.ENOENT: "no folder can be made there (a missing mount, or a virtual filesystem such as /proc): set run.dir "
+                  "to a folder on a writable disk",
+    errno.ENAMETOOLONG: "set run.dir to a shorter path",
 }
 
 

@@ -24,13 +24,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mnist_add import checkpoint, distributed
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, parse_args, to_dict, upgraded
+from mnist_add.config import ConfigError, flatten, parse_args, to_dict, upgraded
 from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets, to_device
 from mnist_add.distributed import Runtime, StopSignals
 from mnist_add.evaluate import Evaluation, evaluate
 from mnist_add.learner import Learner, build_learner, recompute_batchnorm
 from mnist_add.model import build_model
-from mnist_add.precision import configure_kernels
+from mnist_add.precision import configure_kernels, resolve
 from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
                               write_config, write_summary)
 from mnist_add.tracking import build_tracker
@@ -111,6 +111,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     sampler = GlobalBatchSampler(train_set, cfg.trainer.batch_size, runtime.world_size, runtime.rank,
                                  cfg.trainer.seed)
     total_steps = cfg.trainer.epochs * sampler.steps_per_epoch
+    last_step = min(total_steps, cfg.trainer.max_steps or total_steps)  # where this launch ends
 
     # Model and what updates it.
     learner = build_learner(cfg, runtime, total_steps)
@@ -124,13 +125,15 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
         checkpointer.prepare()
         write_config(cfg)
     tracker = build_tracker(cfg, runtime.is_main, run_id)
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
+    bar = tqdm(total=last_step, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
     window, agreement = StepWindow(runtime.device), Agreement(runtime.device)
     validation = None  # the latest evaluation on the validation split
-    if splits.val is None and runtime.is_main:
-        log.info("data.val_samples=0: training on all %d images, nothing held out to choose on; best.pt is the "
-                 "final weights", len(train_set))
+    if runtime.is_main:
+        log.info("%s", plan_line(cfg, runtime, progress, last_step, sampler.steps_per_epoch))
+        if splits.val is None:
+            log.info("data.val_samples=0: training on all %d images, nothing held out to choose on; best.pt is the "
+                     "final weights", len(train_set))
 
     def save(best: bool = False) -> Path:
         check_weights_finite(cfg, learner.model, progress, checkpointer)
@@ -165,7 +168,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                         metrics = window.flush(learner.scheduler.get_last_lr()[0],
                                                progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
                         tracker.log(metrics, progress.step)
-                        report_progress(bar, progress.step, metrics)
+                        report_progress(bar, progress.step, last_step, cfg.trainer.batch_size, metrics)
                     if verdict.stop_reasons:
                         return stop(runtime, verdict.stop_reasons, save(), tracker, progress)
                     if should_save_mid_epoch(progress, cfg, sampler.steps_per_epoch):
@@ -206,9 +209,9 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
     """
     found: dict = {}
 
-    def restore(state: dict) -> None:
+    def restore(state: dict, path: Path) -> None:
         try:
-            check_resume_keys(cfg, state[checkpoint.CONFIG])
+            check_resume_keys(cfg, state[checkpoint.CONFIG], path)
             learner.load_state_dict(state)
             progress.load_state_dict(state[checkpoint.PROGRESS])
             set_rng_state(state[checkpoint.RNG])
@@ -216,8 +219,7 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
         except CheckpointError:
             raise
         except (RuntimeError, KeyError, ValueError, TypeError) as err:  # another model, or not our checkpoint
-            raise CheckpointError(f"checkpoint does not fit this model (model.arch={cfg.model.arch.value}): "
-                                  f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+            raise CheckpointError(misfit(cfg, state[checkpoint.CONFIG], path, err)) from err
 
     if cfg.trainer.resume == "never":
         return None, None
@@ -225,21 +227,37 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
         path = checkpointer.restore_newest(restore, keys=checkpoint.TRAINING_KEYS)
     else:
         path = Path(cfg.trainer.resume)
-        restore(checkpoint.load(path, keys=checkpoint.TRAINING_KEYS))
+        restore(checkpoint.load(path, keys=checkpoint.TRAINING_KEYS), path)
     if path:
         log.info("resumed from %s at step %d (epoch %d, step %d in it)",
                  path, progress.step, progress.epoch, progress.step_in_epoch)
     return path, found.get("run_id")
 
 
-def check_resume_keys(cfg: DictConfig, saved: dict) -> None:
+def check_resume_keys(cfg: DictConfig, saved: dict, path: Path) -> None:
     # As plain values, so that the message reads activation=relu rather than Activation.relu.
     cfg, saved = OmegaConf.create(to_dict(cfg)), OmegaConf.create(to_dict(upgraded(saved)))
     for key in RESUME_KEYS:
         ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
         if ours != theirs:
-            raise CheckpointError(f"checkpoint was written with {key}={theirs}, this run has {key}={ours}; "
+            raise CheckpointError(f"checkpoint {path} was written with {key}={theirs}, this run has {key}={ours}; "
                                   f"resume with the same value, or start a new run.dir")
+
+
+def misfit(cfg: DictConfig, saved: dict, path: Path, err: Exception) -> str:
+    """Why a checkpoint's tensors do not load into this run's network: every model key whose value differs,
+    else the loader's own first line."""
+    try:
+        theirs = flatten(to_dict(upgraded(saved)))
+    except Exception:  # not a config at all: the loader's message is all there is to say
+        theirs = None
+    differ = [] if theirs is None else [f"{key}={theirs.get(key)} there, {value} here"
+                                        for key, value in flatten(to_dict(cfg)).items()
+                                        if key.startswith("model.") and theirs.get(key) != value]
+    if differ:
+        return (f"checkpoint {path} holds another network ({'; '.join(differ)}); resume with the same model.* "
+                f"values, or start a new run.dir")
+    return f"checkpoint {path} does not fit this run's network: {type(err).__name__}: {str(err).splitlines()[0]}"
 
 
 def rng_state() -> dict:
@@ -317,14 +335,33 @@ def should_save_mid_epoch(progress: Progress, cfg: DictConfig, steps_per_epoch: 
     return every > 0 and progress.step % every == 0 and progress.step_in_epoch < steps_per_epoch
 
 
-def report_progress(bar: tqdm, step: int, metrics: dict[str, float]) -> None:
-    """On a terminal the bar shows it; in a log file, a line per log step."""
+def plan_line(cfg: DictConfig, runtime: Runtime, progress: Progress, last_step: int, steps_per_epoch: int) -> str:
+    """The run's first line: what it will do, and where."""
+    threads = f"{torch.get_num_threads()} CPU thread(s) per rank" + (
+        "" if runtime.device.type == "cuda" or cfg.trainer.num_threads else
+        " (torch's default: on a shared machine set trainer.num_threads=1)")
+    return (f"training steps {progress.step + 1}-{last_step} ({steps_per_epoch} per epoch, global batch "
+            f"{cfg.trainer.batch_size}): world size {runtime.world_size} on {runtime.device.type}, precision "
+            f"{resolve(cfg.trainer.precision, runtime.device).value}, {threads}")
+
+
+def report_progress(bar: tqdm, step: int, last_step: int, batch_size: int, metrics: dict[str, float]) -> None:
+    """On a terminal the bar shows it (with its own count and time left); in a log file, a line per log step
+    with the time left at the recent rate."""
     line = f"loss {metrics['train/loss']:.4f} digit {metrics['train/acc_digit']:.4f} " \
            f"sum {metrics['train/acc_sum']:.4f} {metrics['samples_per_s']:.0f} samples/s"
     if bar.disable:
-        log.info("step %d epoch %.2f: %s", step, metrics["epoch"], line)
+        left = (last_step - step) * batch_size / metrics["samples_per_s"]
+        log.info("step %d/%d epoch %.2f, %s left: %s", step, last_step, metrics["epoch"], duration(left), line)
     else:
         bar.set_postfix_str(line)
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 192 -> '3m12s', 45 -> '45s'."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def evaluate_and_log(cfg: DictConfig, runtime: Runtime, learner: Learner, splits: Splits, tracker,
@@ -412,15 +449,18 @@ def setup_logging(rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when done or stopped with a checkpoint, 1 when training diverged or a peer rank hung or died,
     2 for what the user can fix, 130 on a second Ctrl-C."""
-    setup_logging(distributed.launcher_ranks()[0])
+    rank, local_rank, _ = distributed.launcher_ranks()
+    setup_logging(rank)
+    # What every rank finds alike is said once a node, by its first rank; the others end with the same code.
+    say_once = log.error if local_rank == 0 else log.debug
     try:
-        cfg = parse_args(argv, description=__doc__.splitlines()[0])
+        cfg = parse_args(argv, "mnist_add.train", __doc__.splitlines()[0])
         train(cfg)
     except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:
-        log.error("%s", err)
+        say_once("%s", err)
         return 2
     except DivergenceError as err:
-        log.error("%s", err)
+        say_once("%s", err)
         return 1
     except RuntimeError as err:  # a peer rank hung or died in a collective (gloo; NCCL's DistBackendError)
         if (message := distributed.explain_collective_failure(err)) is None:

@@ -51,7 +51,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
     newest.write_bytes(newest.read_bytes()[:40])
     restored = []
     with caplog.at_level(logging.WARNING):
-        assert ckpt.restore_newest(restored.append) == tmp_path / "step-00000001.pt"
+        assert ckpt.restore_newest(lambda state, path: restored.append(state)) == tmp_path / "step-00000001.pt"
     assert restored == [{"step": 1}]
     assert "step-00000002.pt is truncated or corrupt" in caplog.text
 
@@ -61,7 +61,7 @@ def test_a_checkpoint_that_does_not_fit_falls_back_too(tmp_path):
     ckpt.save({"step": 1}, 1)
     ckpt.save({"step": 2}, 2)
 
-    def restore(state):
+    def restore(state, path):
         if state["step"] == 2:
             raise CheckpointError("does not fit this model")
     assert ckpt.restore_newest(restore).name == "step-00000001.pt"
@@ -72,11 +72,11 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     ckpt.save({"step": 1}, 1)
     ckpt.step_paths()[0].write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
-        ckpt.restore_newest(lambda state: None)
+        ckpt.restore_newest(lambda state, path: None)
 
 
 def test_an_empty_folder_means_a_fresh_start(tmp_path):
-    assert Checkpointer(tmp_path / "none", keep=2, write=False).restore_newest(lambda s: None) is None
+    assert Checkpointer(tmp_path / "none", keep=2, write=False).restore_newest(lambda state, path: None) is None
 
 
 def test_loading_a_missing_file_names_it(tmp_path):
@@ -127,7 +127,7 @@ def test_every_tool_reports_a_bad_checkpoint_in_one_line(tool, kind, data_root, 
     from mnist_add import evaluate, predict, train
     bad = str(make_bad(kind, tmp_path / "bad.pt"))
     argv, entry, code = {
-        "evaluate": (["--checkpoint", bad, "--data-root", data_root], evaluate.main, 1),
+        "evaluate": (["--checkpoint", bad, "--data-root", data_root], evaluate.main, 2),
         "predict": (["--checkpoint", bad, "--index", "0", "3", "--data-root", data_root], predict.main, 1),
         "train": (["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}",
                    f"trainer.resume={bad}"], train.main, 2),

@@ -96,6 +96,13 @@ def test_ddp_on_the_gpus(data_root, tmp_path, backend):
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == nproc
 
 
+def test_nccl_with_two_ranks_on_one_gpu_is_refused_in_one_line(data_root, tmp_path):
+    result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}",
+                        "dist.backend=nccl", launcher=torchrun(2), env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert result.returncode != 0  # torchrun's own, for workers that exit 2
+    assert "ERROR 2 ranks on this node but 1 GPU(s), and NCCL runs one rank per GPU" in result.stderr
+
+
 def test_sigterm_stops_and_the_relaunch_ends_bitwise_equal(data_root, tmp_path):
     args = ["--config", "debug", f"data.root={data_root}", "trainer.deterministic=true", "trainer.epochs=2"]
     job = start_and_wait_for_checkpoint([*args, f"run.dir={tmp_path / 'cut'}"], tmp_path / "cut", step=8)

@@ -1,6 +1,7 @@
 """Real multi-process runs: torchrun on CPU with gloo, 2-3 ranks."""
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from conftest import run_module, start_and_wait_for_checkpoint, torchrun, wait_until, worker_pid
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
-from mnist_add.distributed import StopSignals, stop_signals
+from mnist_add.config import ConfigError, DistConfig
+from mnist_add.distributed import StopSignals, choose_device, local_world_size, setup, stop_signals
 
 # 64 steps on 2 ranks; a job started by start_long_job holds after its checkpoint at step HOLD until a
 # rank is asked to stop, and then stops at the next step where the ranks agree, STOP (a log step).
@@ -223,12 +225,18 @@ def test_a_stop_signal_to_a_single_process_job_saves_and_a_relaunch_ends_bitwise
     assert_bitwise_equal(final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole"))
 
 
-def test_a_second_ctrl_c_aborts_at_once():
-    signals = StopSignals()
-    signals._handle(signal.SIGINT, None)
-    assert signals.reason() == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):
-        signals._handle(signal.SIGINT, None)
+def test_a_second_ctrl_c_aborts_at_once_and_a_third_is_ignored():
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with StopSignals() as signals:
+            signals._handle(signal.SIGINT, None)
+            signals._handle(signal.SIGTERM, None)  # what torchrun sends after a Ctrl-C
+            assert signals.reason() == "SIGINT"  # the first signal is the one named
+            with pytest.raises(KeyboardInterrupt):
+                signals._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # also after the handlers are put back
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_submitits_preemption_signal_is_a_stop_signal_whatever_it_is_set_to():
@@ -243,3 +251,45 @@ def test_a_worker_notices_the_death_of_its_torchrun_agent(monkeypatch):
     monkeypatch.setattr(os, "getppid", lambda: 1)  # reparented
     assert signals.reason() == StopSignals.AGENT_DIED
     assert StopSignals({}).reason() is None  # outside torchrun a parent's exit means nothing (nohup)
+
+
+@pytest.mark.parametrize("ranks_here, num_gpus, devices", [
+    (2, 2, ["cuda:0", "cuda:1"]),
+    (4, 1, ["cuda:0"] * 4),  # more ranks than GPUs: gloo shares them round-robin
+    (3, 2, ["cuda:0", "cuda:1", "cuda:0"]),
+    (2, 0, ["cpu", "cpu"]),
+])
+def test_ranks_take_the_gpus_round_robin_and_the_cpu_without_one(ranks_here, num_gpus, devices):
+    assert [str(choose_device(r, ranks_here, num_gpus, "gloo")) for r in range(ranks_here)] == devices
+
+
+def test_nccl_with_more_ranks_than_gpus_is_one_line_that_names_the_three_fixes():
+    assert str(choose_device(1, 2, 2, "nccl")) == "cuda:1"
+    with pytest.raises(ConfigError) as refused:
+        choose_device(0, 4, 1, "nccl")  # every rank refuses, rank 0 included: none waits for the others
+    assert str(refused.value) == ("4 ranks on this node but 1 GPU(s), and NCCL runs one rank per GPU: launch "
+                                  "--nproc_per_node=1, set dist.backend=gloo to share the GPUs, or choose the GPUs "
+                                  "with CUDA_VISIBLE_DEVICES")
+
+
+def test_a_node_runs_local_world_size_ranks_or_at_least_those_up_to_this_one():
+    assert local_world_size({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}) == 4
+    assert local_world_size({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3",
+                             "SLURM_LOCALID": "1"}) == 2
+
+
+def test_hidden_gpus_run_on_the_cpu_and_say_so(monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("RANK", raising=False)
+    caplog.set_level(logging.INFO, logger="mnist_add")
+    assert setup(DistConfig()).device == torch.device("cpu")
+    assert [r.getMessage() for r in caplog.records] == ["CUDA_VISIBLE_DEVICES is empty: running on the CPU"]
+
+
+def test_a_mistake_every_rank_makes_is_said_once(data_root, tmp_path):
+    result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}",
+                        "trainer.batch_size=33", launcher=torchrun(2))
+    assert result.returncode != 0  # torchrun's, for workers that exit 2
+    said = "trainer.batch_size=33 is the global batch and must divide evenly over 2 processes"
+    assert result.stderr.count(said) == 1, result.stderr[-3000:]
+    assert not (tmp_path / "config.yaml").exists()

@@ -81,7 +81,7 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     result = run_module("mnist_add.evaluate", "--checkpoint", str(bad))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -184,6 +184,17 @@ def test_cli_scores_the_validation_images_the_run_held_out(trained, data_root, t
     assert metrics["pairs"] == 256 and {key: metrics[key] for key in summary["val"]} == summary["best"]["val"]
     train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}", "data.val_samples=0",
                                   "trainer.max_steps=2", "trainer.num_threads=1"]))
-    assert main(["--checkpoint", f"{tmp_path}/checkpoints/best.pt", "--split", "val"]) == 1
+    assert main(["--checkpoint", f"{tmp_path}/checkpoints/best.pt", "--split", "val"]) == 2
     assert capsys.readouterr().err == ("error: this checkpoint's run held out no validation images "
                                        "(data.val_samples=0); evaluate --split test\n")
+
+
+def test_a_best_pt_not_written_yet_says_when_it_comes_and_names_the_newest_step(trained, tmp_path, capsys):
+    run, _ = trained
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("step-00000008.pt", "step-00000016.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes((run / "checkpoints" / "step-00000016.pt").read_bytes())
+    assert main(["--checkpoint", str(tmp_path / "checkpoints" / "best.pt")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {tmp_path}/checkpoints/best.pt does not exist yet: it is written at the first epoch's "
+        f"end, with the first validation; the newest checkpoint now is {tmp_path}/checkpoints/step-00000016.pt\n")

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ from PIL import Image
 from conftest import run_module
 from mnist_add.data import MEAN, STD, MNISTAdd
 from mnist_add.evaluate import load_model
-from mnist_add.predict import main, predict, prepare_image
+from mnist_add.predict import main, predict, prepare_image, read_image
 from mnist_add.train import train
 
 NUM_IMAGES = 20  # the first test images: nine of the ten digits, well under a second of work
@@ -70,6 +71,16 @@ def test_a_dark_digit_on_light_paper_is_inverted_to_the_same_input(mnist_test):
         light = prepare_image(render(mnist_test.data[index], dark_on_light=True))
         dark = prepare_image(render(mnist_test.data[index], dark_on_light=False))
         assert torch.allclose(light, dark, atol=1e-5), index
+
+
+@pytest.mark.parametrize("mode, scale", [("F", 1 / 255), ("F", 1.0), ("I;16", 257)])
+def test_a_float_or_16_bit_image_reads_by_its_range_as_its_8_bit_twin(mnist_test, tmp_path, mode, scale):
+    for index in range(NUM_IMAGES):
+        page = np.asarray(render(mnist_test.data[index], dark_on_light=False), dtype=np.float32) * scale
+        path = tmp_path / f"{index}.tiff"
+        Image.fromarray(page.astype(np.uint16) if mode == "I;16" else page, mode=None).save(path)
+        eight_bit = prepare_image(render(mnist_test.data[index], dark_on_light=False))
+        assert torch.allclose(read_image(str(path)), eight_bit, atol=1e-4), index
 
 
 def test_a_dark_digit_on_transparent_paper_reads_as_on_white_paper(mnist_test):
@@ -145,7 +156,8 @@ def not_an_image(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("unreadable image", "cannot read image"), ("missing image", "cannot read image"),
-    ("addend 10", "ADDEND: must be an integer 0..9"), ("image and --index", "not allowed with"),
+    ("addend 10", "ADDEND: must be an integer 0..9"), ("image and --index", "--index N or an IMAGE, not both"),
+    ("addend forgotten", "the ADDEND (0..9) is missing after IMAGE"), ("image forgotten", "give an IMAGE file"),
     ("missing checkpoint", "does not exist"), ("corrupt checkpoint", "truncated or corrupt"),
     ("index out of range", "out of range")])
 def test_cli_bad_input_is_a_one_line_error(case, message, trained, not_an_image, tmp_path, data_root, capsys):
@@ -154,6 +166,8 @@ def test_cli_bad_input_is_a_one_line_error(case, message, trained, not_an_image,
             "missing image": [str(checkpoint), str(tmp_path / "missing.png"), "3"],
             "addend 10": [str(checkpoint), "--index", "0", "10"],
             "image and --index": [str(checkpoint), "--index", "0", not_an_image, "3"],
+            "addend forgotten": [str(checkpoint), not_an_image],
+            "image forgotten": [str(checkpoint), "3"],
             "missing checkpoint": [str(tmp_path / "missing.pt"), "--index", "0", "3"],
             "corrupt checkpoint": [not_an_image, "--index", "0", "3"],
             "index out of range": [str(checkpoint), "--index", "10000", "3", "--data-root", data_root]}[case]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, newest_step, run_module, start_and_wait_for_checkpoint, subprocess_env
 from mnist_add import checkpoint
-from mnist_add.config import load_config, to_dict
+from mnist_add.config import ConfigError, load_config, to_dict
 from mnist_add.rundir import completed_run, strict_json
 from mnist_add.tracking import read_metrics
 from mnist_add.train import main, train
@@ -190,3 +190,15 @@ def test_a_run_completed_before_a_key_was_added_is_still_this_run(data_root, tmp
     older["model"]["gone"] = 1  # a key since removed: not this run
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
     assert completed_run(cfg) is None
+
+
+def test_a_launch_refused_before_it_wrote_anything_leaves_no_folder_behind(make_cfg, tmp_path):
+    space = tmp_path / "space"
+    space.mkdir()
+    with pytest.raises(ConfigError, match="exceeds the 512 training samples"):
+        train(make_cfg("trainer.batch_size=1024", run_dir=space / "new" / "run"))
+    assert list(space.iterdir()) == []
+    (space / "kept").mkdir()  # a folder that was there before stays, empty as it was
+    with pytest.raises(ConfigError):
+        train(make_cfg("trainer.batch_size=1024", run_dir=space / "kept"))
+    assert [p.name for p in space.iterdir()] == ["kept"] and list((space / "kept").iterdir()) == []

@@ -17,7 +17,7 @@ from mnist_add import checkpoint
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer
 from mnist_add.config import load_config
-from mnist_add.data import GlobalBatchSampler, MNISTAdd
+from mnist_add.data import GlobalBatchSampler, build_datasets
 from mnist_add.distributed import StopSignals
 from mnist_add.train import Progress
 from wandb_records import offline_runs
@@ -114,7 +114,7 @@ def test_preempted_submitit_job_requeues_resumes_and_ends_bitwise_equal(referenc
 def expected_fingerprint(data_root, *overrides) -> int:
     """What a run of this data sequence must have trained on, computed without training."""
     cfg = load_config(["debug"], [f"data.root={data_root}", *overrides])
-    dataset = MNISTAdd(data_root, train=True, seed=cfg.trainer.seed, num_samples=cfg.data.train_samples)
+    dataset = build_datasets(cfg.data, cfg.trainer.seed, torch.device("cpu")).train
     sampler, progress = GlobalBatchSampler(dataset, cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), Progress()
     agreement = Agreement(torch.device("cpu"))
     for epoch in range(cfg.trainer.epochs):

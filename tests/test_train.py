@@ -17,7 +17,7 @@ from mnist_add.evaluate import evaluate, load_model
 from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
 from mnist_add.learner import Learner, build_learner
-from mnist_add.train import DivergenceError, Progress, check_weights_finite, main, train
+from mnist_add.train import DivergenceError, Progress, check_weights_finite, duration, main, train
 from mnist_add.tracking import read_metrics
 
 EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpoints=100")
@@ -109,11 +109,14 @@ def test_resume_never_refuses_to_mix_with_existing_checkpoints(make_cfg):
         train(make_cfg("trainer.resume=never"))
 
 
-def test_a_checkpoint_of_another_architecture_is_reported(make_cfg, tmp_path):
-    train(make_cfg())
-    with pytest.raises(CheckpointError, match="does not fit this model"):
-        train(make_cfg("model.arch=seed", f"run.dir={tmp_path / 'other'}",
-                       f"trainer.resume={tmp_path / 'run/checkpoints/best.pt'}"))
+def test_a_checkpoint_of_another_network_names_the_file_and_every_model_key_that_differs(make_cfg, tmp_path):
+    train(make_cfg("model.width=16"))
+    best = tmp_path / "run/checkpoints/best.pt"
+    with pytest.raises(CheckpointError) as refused:
+        train(make_cfg("model.width=8", "model.hidden=32", f"run.dir={tmp_path / 'other'}", f"trainer.resume={best}"))
+    assert str(refused.value) == (f"checkpoint {best} holds another network (model.width=16 there, 8 here; "
+                                  f"model.hidden=64 there, 32 here); resume with the same model.* values, or start "
+                                  f"a new run.dir")
 
 
 def test_cli_trains_the_debug_config(data_root, tmp_path):
@@ -295,3 +298,20 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path
     assert not [key for key in saved if "_orig_mod" in key]
     assert all(torch.allclose(tensor, weights(tmp_path / "eager", "step-00000012.pt")[key], atol=1e-6)
                for key, tensor in saved.items())
+
+
+def test_the_log_opens_with_the_plan_and_each_line_counts_steps_and_time_left(make_cfg, caplog):
+    caplog.set_level(logging.INFO, logger="mnist_add")
+    train(make_cfg("trainer.max_steps=12"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == ("training steps 1-12 (16 per epoch, global batch 32): world size 1 on cpu, precision fp32, "
+                        "1 CPU thread(s) per rank")  # num_threads set: no hint about it
+    progress = [line for line in lines if line.startswith("step ") and "loss" in line]
+    assert [line.split(" epoch")[0] for line in progress] == ["step 4/12", "step 8/12", "step 12/12"]
+    assert progress[-1].split(", ")[1].startswith("0s left: loss")
+    assert re.fullmatch(r"\d+m\d\ds|\d+s", progress[0].split(", ")[1].split(" left")[0])
+
+
+@pytest.mark.parametrize("seconds, shown", [(45.4, "45s"), (192, "3m12s"), (3725, "1h02m"), (0.2, "0s")])
+def test_time_left_reads_in_hours_minutes_and_seconds(seconds, shown):
+    assert duration(seconds) == shown
