@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one command on any machine with CUDA: the CUDA-only tests, then the GPU benchmarks.
-# Prints tables ready for the README's results.
+# Prints tables ready for docs/results.md and docs/benchmarks.md.
 #   bash bench/gpu_check.sh              (MNIST from MNIST_ADD_DATA_ROOT, else ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -212,15 +212,17 @@ def group_label(group: Group) -> str:
     return ", ".join(f"{key.rpartition('.')[2]}={value}" for key, value in group.values.items()) or "all"
 
 
-def new_figure(cols: int, size: tuple[float, float]):
+def new_figure(cols: int, size: tuple[float, float], sharey: bool = False):
     figure = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(figure)
-    return figure, figure.subplots(1, cols, squeeze=False)[0]
+    return figure, figure.subplots(1, cols, squeeze=False, sharey=sharey)[0]
 
 
 def draw_accuracy(groups: list[Group], score: str = "test") -> Figure:
-    """One panel per accuracy: each group's mean over seeds with a ± std error bar (none for n < 2)."""
-    figure, axes = new_figure(len(ACCURACIES), (4 * len(ACCURACIES), 4))
+    """One panel per accuracy, on one shared axis: each group's mean over seeds with a ± 1 std error bar (none for
+    n < 2)."""
+    figure, axes = new_figure(len(ACCURACIES), (4 * len(ACCURACIES), 4), sharey=True)
+    figure.suptitle("mean ± 1 std over seeds (sample std; n seeds per group)")
     shown = [group for group in groups if group.completed]
     for ax, name in zip(axes, ACCURACIES):
         for x, group in enumerate(shown):
@@ -245,20 +247,39 @@ def curve_band(members: list[Member]) -> tuple[list[int], list[float], list[floa
     return steps, [s["mean"] for s in stats], [s["std"] or 0.0 for s in stats]
 
 
+def draw_single_evaluations(figure: Figure, ax, bands: list) -> Figure:
+    for index, (group, (steps, mean, std)) in enumerate(bands):
+        color, points = f"C{index % 10}", member_points(group.completed, steps[0])
+        ax.plot([index - 0.1] * len(points), [100 * v for v in points], "o", color=color, alpha=0.5, markersize=4)
+        ax.errorbar([index + 0.1], [100 * mean[0]], yerr=[100 * std[0]], fmt="s", color=color, capsize=6)
+    ax.set(title="validation sum accuracy (%) at the one evaluation\nmembers (dots); mean ± 1 std over seeds",
+           xticks=range(len(bands)),
+           xticklabels=[f"{group_label(g)}\nn={len(g.completed)}, step {s[0]}" for g, (s, _, _) in bands])
+    ax.grid(True, axis="y", alpha=0.3)
+    return figure
+
+
+def member_points(members: list[Member], step: int) -> list[float]:
+    """Each member's validation sum accuracy at `step`."""
+    return [r[CURVE_METRIC] for m in members for r in read_metrics(m.path) if r["step"] == step and CURVE_METRIC in r]
+
+
 def draw_curves(groups: list[Group]) -> Figure:
-    """Validation sum accuracy over steps: per group the mean over seeds and a ± std band."""
+    """Validation sum accuracy over steps: per group the mean over seeds and a ± 1 std band. Where every member
+    evaluated once, a curve would be a dot: each group is then a column of its members' points beside their mean
+    with a ± 1 std error bar."""
     figure, axes = new_figure(1, (7, 4.5))
     ax = axes[0]
-    for index, group in enumerate(groups):
-        steps, mean, std = curve_band(group.completed)
-        if not steps:
-            continue
-        color = f"C{index % 10}"
-        ax.plot(steps, [100 * v for v in mean], "o-", color=color, markersize=3,
-                label=f"{group_label(group)} (n={len(group.completed)})")
+    bands = [(group, curve_band(group.completed)) for group in groups]
+    bands = [(group, band) for group, band in bands if band[0]]
+    if bands and all(len(steps) == 1 for _, (steps, _, _) in bands):
+        return draw_single_evaluations(figure, ax, bands)
+    for index, (group, (steps, mean, std)) in enumerate(bands):
+        color, label = f"C{index % 10}", f"{group_label(group)} (n={len(group.completed)})"
+        ax.plot(steps, [100 * v for v in mean], "o-", color=color, markersize=3, label=label)
         ax.fill_between(steps, [100 * (m - s) for m, s in zip(mean, std)], [100 * (m + s) for m, s in zip(mean, std)],
                         color=color, alpha=0.2)
-    ax.set(title="validation sum accuracy (%), mean ± std over seeds", xlabel="step")
+    ax.set(title="validation sum accuracy (%), mean ± 1 std over seeds", xlabel="step")
     ax.grid(True, alpha=0.3)
     if ax.has_data():
         ax.legend()

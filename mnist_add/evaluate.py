@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_add import checkpoint, distributed
@@ -53,8 +54,9 @@ class Evaluation:
 
 
 def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_size: int,
-             sum_loss: SumLoss, autocast=nullcontext, exhaustive: bool = False) -> Evaluation:
-    """Score every test image once (with its fixed addend), or with all ten addends if `exhaustive`.
+             sum_loss: SumLoss, autocast=nullcontext, exhaustive: bool = False, progress: bool = False) -> Evaluation:
+    """Score every test image once (with its fixed addend), or with all ten addends if `exhaustive`; with
+    `progress`, a bar on stderr.
 
     The images are split into batches of `batch_size` the same way on any world size, and rank r
     scores batches r, r + W, ... whole (a kernel can round a sample differently in a batch of
@@ -72,10 +74,11 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
     sum_confusion = torch.zeros(NUM_SUMS * NUM_SUMS, dtype=torch.int64, device=device)
     both = torch.zeros(1, dtype=torch.int64, device=device)
     with torch.no_grad():  # not a decorator: mutmut leaves decorated functions alone
-        for batch in range(runtime.rank, len(batches), runtime.world_size):
+        for batch in tqdm(range(runtime.rank, len(batches), runtime.world_size), disable=not progress,
+                          unit="batch", desc="evaluating", leave=False):
             images, digits, addends, sums = _pairs(dataset, batches[batch], exhaustive, device)
             with autocast():
-                outputs = model(images, addends)
+                outputs = _outputs(model, images, addends, exhaustive)
             losses[:, batch] = torch.stack(task_losses(outputs, digits, sums, sum_loss, reduction="sum"))
             digit_pred, sum_pred = (o.argmax(1) for o in outputs)
             digit_confusion += torch.bincount(digits * NUM_DIGITS + digit_pred, minlength=NUM_DIGITS ** 2)
@@ -88,6 +91,16 @@ def evaluate(model: torch.nn.Module, dataset: MNISTAdd, runtime: Runtime, batch_
     return Evaluation(int(digit_confusion.sum()), loss_digit, loss_sum,
                       digit_confusion.view(NUM_DIGITS, NUM_DIGITS).cpu(),
                       sum_confusion.view(NUM_SUMS, NUM_SUMS).cpu(), int(both))
+
+
+def _outputs(model: torch.nn.Module, images: torch.Tensor, addends: torch.Tensor, exhaustive: bool):
+    """The model's outputs for the pairs; exhaustively, a network whose digits ignore the addend reads each image
+    once (its ten copies are consecutive) and its structured head turns the digits into every addend's sum."""
+    if not (exhaustive and getattr(model, "digits_ignore_the_addend", False)):
+        return model(images, addends)
+    digit_logits, _ = model(images[::NUM_ADDENDS], addends[::NUM_ADDENDS])
+    digit_logits = digit_logits.repeat_interleave(NUM_ADDENDS, 0)
+    return digit_logits, model.sum_output(digit_logits, None, addends)
 
 
 def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool, device: torch.device):
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.trainer.compile:  # evaluate as the run did
             model = torch.compile(model)
         dataset = load_split(args.split, args.data_root or cfg.data.root, cfg.data.val_samples).to(runtime.device)
-        result = evaluate(model, dataset, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive)
+        result = evaluate(model, dataset, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive,
+                          progress=runtime.is_main and sys.stderr.isatty())
     except (checkpoint.CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -72,6 +72,11 @@ class AddNet(nn.Module):
         self.sum_output = SumOutput(cfg.sum_head)
         self.channels_last = cfg.channels_last
 
+    @property
+    def digits_ignore_the_addend(self) -> bool:
+        """Whether only a structured sum head reads the addend: one pass over an image then scores every addend."""
+        return self.addend is None and self.sum_output.kind == SumHead.structured
+
     def forward(self, images: torch.Tensor, addends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

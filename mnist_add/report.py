@@ -7,8 +7,9 @@ Writes into RUN_DIR/report/ (or --out) and prints the paths written:
                                     score as a point; the training loss is label-smoothed (as config.yaml
                                     says), so it levels off above the others
     accuracy.png                    per task, training and validation error rate (1 - accuracy) over steps and
-                                    the final test point, log scale
-    confusion_digit.png, confusion_sum.png, misclassified.png
+                                    the final test point, log scale; one panel for a structured sum head,
+                                    whose sum is right exactly when its digit is
+    confusion_digit.png, confusion_sum.png (not for a structured sum head), misclassified.png
                                     the test set scored by best.pt (else the newest step checkpoint)
 A run that is still going or was preempted works too: no summary.json is needed, and a run
 without a checkpoint yet gets the learning curves only.
@@ -26,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, cli_parser, load_config
+from mnist_add.config import ConfigError, SumHead, cli_parser, load_config
 from mnist_add.data import NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.evaluate import evaluate, load_model
@@ -92,23 +93,43 @@ def draw_losses(records: list[dict], smoothing: dict[str, float] | None) -> Figu
     return figure
 
 
-def draw_error_rates(records: list[dict]) -> Figure:
-    """One panel per task: training and test error rate (1 - accuracy), on a log scale so that the last
-    tenths of a percent, where runs differ, are as far apart as the first tens."""
-    figure, axes = new_figure(1, len(TASKS), (10, 4))
-    for ax, task in zip(axes[0], TASKS):
+def sum_follows_digit(run_dir: Path) -> bool:
+    """Whether the run's sum head is structured: its sum is right exactly when its digit is."""
+    path = run_dir / CONFIG_NAME
+    return path.is_file() and load_config([str(path)]).model.sum_head == SumHead.structured
+
+
+def draw_error_rates(records: list[dict], one_panel: bool = False) -> Figure:
+    """One panel per task (or one for both, where they agree by construction): training, validation and test
+    error rate (1 - accuracy), on a log scale so that the last tenths of a percent, where runs differ, are as far
+    apart as the first tens."""
+    tasks = TASKS[:1] if one_panel else TASKS
+    figure, axes = new_figure(1, len(tasks), (5 * len(tasks), 4))
+    for ax, task in zip(axes[0], tasks):
         lines = plot_splits(ax, records, f"acc_{task}", {"train": "train", "val": "validation", "test": "test"},
                             lambda acc: 1 - acc)
-        ax.set(title=f"{task} error rate (1 - accuracy)", xlabel="step")
+        title = "digit and sum error rate\n(equal: a structured sum head)" if one_panel else f"{task} error rate"
+        ax.set(title=title, xlabel="step", ylabel="error rate (1 - accuracy)")
         ax.set_yscale("log")  # an error-free window (rate 0) leaves a gap: log(0) has no place
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda rate, _: f"{100 * rate:g}%"))
+        ax.yaxis.set_major_formatter(FuncFormatter(percent))
+        # Less than a decade shown: label the minor ticks too, in percent (matplotlib's own would read 6x10^-2).
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda rate, _, ax=ax: percent(rate) if narrow(ax) else ""))
         ax.grid(True, which="major", alpha=0.3)
         for line in lines:  # the last value, where the eye looks first
             line.set_label(f"{line.get_label()}, last {100 * line.get_ydata()[-1]:.2f}%")
         if ax.has_data():
             ax.legend()
     return figure
+
+
+def percent(rate: float, _=None) -> str:
+    return f"{100 * rate:g}%"
+
+
+def narrow(ax) -> bool:
+    low, high = ax.get_ylim()
+    return low > 0 and high / low < 10
 
 
 def plot_splits(ax, records: list[dict], metric: str, labels: dict[str, str], transform=lambda value: value) -> list:
@@ -167,29 +188,34 @@ def misclassified(model: torch.nn.Module, test_set: MNISTAdd, limit: int) -> lis
     return found
 
 
-def draw_misclassified(errors: list[dict], test_set: MNISTAdd, title: str) -> Figure:
+def draw_misclassified(errors: list[dict], total: int, test_set: MNISTAdd, title: str) -> Figure:
+    """The first misclassified pairs of `total`, each captioned with the predicted digit, then the addend and
+    the predicted sum, each with the truth beside it."""
     rows = max(1, -(-len(errors) // GRID_COLUMNS))
     figure, axes = new_figure(rows, GRID_COLUMNS, (GRID_COLUMNS * 1.3, rows * 1.6 + 0.5))
-    figure.suptitle(title if errors else f"{title}: none misclassified")
+    figure.suptitle(f"{len(errors)} of {total} errors, {title}" if errors else f"no errors, {title}")
     for ax in axes.flat:
         ax.axis("off")
     for ax, error in zip(axes.flat, errors):
         ax.imshow(test_set.data[error["index"]].cpu().numpy(), cmap="gray")
-        ax.set_title(f"digit {error['digit']} (true {error['true_digit']})\n"
-                     f"+{error['addend']}: sum {error['sum']} ({error['true_sum']})", fontsize=7)
+        ax.set_title(f"pred {error['digit']} (true {error['true_digit']})\n"
+                     f"{error['digit']}+{error['addend']} \u2192 {error['sum']} (true {error['true_sum']})", fontsize=7)
     return figure
 
 
 def plot_test_set(checkpoint_path: Path, data_root: str | None, out: Path) -> list[Path]:
-    """Confusion matrices and misclassified images of the checkpoint on the whole test set."""
+    """Confusion matrices (the digit's alone where the sum follows it) and misclassified images of the checkpoint
+    on the whole test set."""
     model, cfg = load_model(str(checkpoint_path))
     test_set = MNISTAdd(data_root or cfg.data.root, train=False)
     result = evaluate(model, test_set, Runtime(), EVAL_BATCH_SIZE, cfg.loss.sum)
     title = f"{checkpoint_path.name}, {result.num_pairs} test pairs"
-    return [save(draw_confusion(result.digit_confusion, "digit", f"digit, {title}"), out / "confusion_digit.png"),
-            save(draw_confusion(result.sum_confusion, "sum", f"sum, {title}"), out / "confusion_sum.png"),
-            save(draw_misclassified(misclassified(model, test_set, MAX_SHOWN), test_set, f"misclassified, {title}"),
-                 out / "misclassified.png")]
+    errors = misclassified(model, test_set, MAX_SHOWN)
+    written = [save(draw_confusion(result.digit_confusion, "digit", f"digit, {title}"), out / "confusion_digit.png")]
+    if cfg.model.sum_head != SumHead.structured:  # a structured sum is wrong exactly when its digit is
+        written.append(save(draw_confusion(result.sum_confusion, "sum", f"sum, {title}"), out / "confusion_sum.png"))
+    return written + [save(draw_misclassified(errors, result.num_pairs - result.both_correct, test_set, title),
+                           out / "misclassified.png")]
 
 
 def write_report(run_dir: Path, out: Path, data_root: str | None = None) -> list[Path]:
@@ -197,7 +223,7 @@ def write_report(run_dir: Path, out: Path, data_root: str | None = None) -> list
     records = read_metrics(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [save(draw_losses(records, label_smoothing(run_dir)), out / "loss.png"),
-               save(draw_error_rates(records), out / "accuracy.png")]
+               save(draw_error_rates(records, sum_follows_digit(run_dir)), out / "accuracy.png")]
     checkpoint_path = newest_checkpoint(run_dir)
     if checkpoint_path is None:
         print(f"note: no checkpoint in {run_dir / 'checkpoints'} yet: test-set figures skipped", file=sys.stderr)

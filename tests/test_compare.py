@@ -216,3 +216,23 @@ def test_the_score_compared_is_the_final_test_score_unless_asked_for_another(swe
     assert out.startswith(f"model.heads  n  {label} digit %")
     assert (f"no {label} score: {old} (left out)" in out) == (score != "test")
     assert draw_accuracy(result.groups, score).axes[0].get_title() == f"{label} digit accuracy (%)"
+
+
+def test_the_accuracy_figure_says_its_bars_are_one_std_and_shares_one_axis(sweep):
+    figure = draw_accuracy(compare([sweep]).groups)
+    assert "± 1 std over seeds" in figure.get_suptitle()
+    figure.canvas.draw()
+    assert len({ax.get_ylim() for ax in figure.axes}) == 1  # groups compare across digit, sum and both alike
+
+
+def test_members_that_evaluated_once_show_a_mean_with_its_bar_and_each_member(tmp_path):
+    for seed in range(3):
+        run = write_run(tmp_path / f"seed-{seed}", "joint", seed)
+        records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"] != 8]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # step 16 alone
+    ax = draw_curves(compare([tmp_path / f"seed-{seed}" for seed in range(3)]).groups).axes[0]
+    [bar] = ax.containers
+    assert list(bar.lines[0].get_ydata()) == pytest.approx([82.0])  # the mean of 80, 84, 82
+    assert [y for _, y in bar.lines[2][0].get_segments()[0]] == pytest.approx([80.0, 84.0])  # ± 1 std
+    assert sorted(ax.lines[0].get_ydata()) == pytest.approx([80.0, 82.0, 84.0])  # each member
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["all\nn=3, step 16"]

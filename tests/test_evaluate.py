@@ -198,3 +198,18 @@ def test_a_best_pt_not_written_yet_says_when_it_comes_and_names_the_newest_step(
     assert capsys.readouterr().err == (
         f"error: checkpoint {tmp_path}/checkpoints/best.pt does not exist yet: it is written at the first epoch's "
         f"end, with the first validation; the newest checkpoint now is {tmp_path}/checkpoints/step-00000016.pt\n")
+
+
+def test_exhaustive_scoring_reads_each_image_once_where_the_digits_ignore_the_addend(model, data_root):
+    assert model.digits_ignore_the_addend  # the debug network: a structured sum head, addend_dim 0
+    images = MNISTAdd(data_root, train=False, num_samples=200)
+    once, every_pair = Recorder(model), Recorder(model)
+    once.digits_ignore_the_addend, once.sum_output = True, model.sum_output
+    fast = evaluate(once, images, Runtime(), 64, SumLoss.ce, exhaustive=True)
+    slow = evaluate(every_pair, images, Runtime(), 64, SumLoss.ce, exhaustive=True)
+    assert len(once.pairs(images)) == 200 and len(every_pair.pairs(images)) == 2000  # one pass, not ten
+    assert torch.equal(fast.digit_confusion, slow.digit_confusion) and torch.equal(fast.sum_confusion,
+                                                                                   slow.sum_confusion)
+    assert fast.both_correct == slow.both_correct and fast.num_pairs == 2000
+    assert fast.loss_digit == pytest.approx(slow.loss_digit, rel=1e-5)
+    assert fast.loss_sum == pytest.approx(slow.loss_sum, rel=1e-5)

@@ -2,7 +2,7 @@
 config schema, config files, run directories, the command lines and the checkpoint reader.
 
 Seeded (derandomize), so CI runs the same cases every time. MNIST_ADD_FUZZ_EXAMPLES sets the number of cases per
-property (README, Development: a long fuzz). Every input that ever failed stays below as an @example.
+property (docs/development.md, Fuzzing: a long fuzz). Every input that ever failed stays below as an @example.
 """
 
 import contextlib

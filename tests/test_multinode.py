@@ -20,7 +20,7 @@ from test_slurm import LONG, assert_bitwise_equal, final_weights, job_id, sacct_
 HOLD_AT = {"MNIST_ADD_TEST_HOLD_AT": "16"}  # the job holds after its checkpoint at step 16 until asked to stop
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
-START = "MNIST_ADD_SLURM_NODES=2 bash slurm/local/start.sh; . slurm/local/env.sh"
+START = "MNIST_ADD_SLURM_NODES=2 bash slurm/local/start.sh && . slurm/local/env.sh"
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,15 @@ from PIL import Image
 
 from conftest import run_module
 from mnist_add.config import load_config
-from mnist_add.report import (CONFIG_NAME, SPLITS, draw_confusion, draw_error_rates, draw_losses, label_smoothing,
-                              main, newest_checkpoint, series, smoothed_loss_floor)
+from mnist_add.data import MNISTAdd
+from mnist_add.report import (CONFIG_NAME, SPLITS, draw_confusion, draw_error_rates, draw_losses, draw_misclassified,
+                              label_smoothing, main, newest_checkpoint, series, smoothed_loss_floor, sum_follows_digit)
 from mnist_add.tracking import read_metrics
 from mnist_add.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CURVES = ("loss.png", "accuracy.png")
-TEST_SET_FIGURES = ("confusion_digit.png", "confusion_sum.png", "misclassified.png")
+TEST_SET_FIGURES = ("confusion_digit.png", "misclassified.png")  # the debug run's structured sum follows its digit
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,34 @@ def test_a_dir_without_metrics_is_a_one_line_error(tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(f"error: {tmp_path} has no metrics.jsonl") and result.stderr.count("\n") == 1
     assert not (tmp_path / "report").exists()
+
+
+def test_a_structured_sum_head_gets_one_error_panel_and_a_free_one_two(finished_run, tmp_path, data_root):
+    records = read_metrics(finished_run)
+    assert sum_follows_digit(finished_run)  # the debug run
+    [ax] = draw_error_rates(records, one_panel=True).axes
+    assert ax.get_title().startswith("digit and sum error rate") and ax.get_ylabel() == "error rate (1 - accuracy)"
+    free = load_config(["debug"], [f"data.root={data_root}", "model.sum_head=free", "model.addend_dim=16"])
+    OmegaConf.save(free, tmp_path / CONFIG_NAME)
+    assert not sum_follows_digit(tmp_path) and not sum_follows_digit(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("accuracies", [(0.93, 0.95, 0.965), (0.5, 0.9, 0.99, 0.999)])
+def test_error_rate_ticks_read_in_percent_only(accuracies):
+    records = [{"step": 10 * i, "train/acc_digit": acc, "train/acc_sum": acc} for i, acc in enumerate(accuracies)]
+    figure = draw_error_rates(records)
+    figure.canvas.draw()
+    for ax in figure.axes:
+        low, high = ax.get_ylim()
+        shown = [t for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True)
+                 if t.get_text() and low <= t.get_position()[1] <= high]
+        assert len(shown) >= 2 and all(t.get_text().endswith("%") for t in shown), [t.get_text() for t in shown]
+
+
+def test_misclassified_captions_read_prediction_then_sum_with_the_truth_beside_each(data_root):
+    mnist_test = MNISTAdd(data_root, train=False, num_samples=1)
+    errors = [{"index": 0, "digit": 0, "true_digit": 6, "addend": 1, "sum": 1, "true_sum": 7}]
+    figure = draw_misclassified(errors, 36, mnist_test, "best.pt, 10000 test pairs")
+    assert figure.get_suptitle() == "1 of 36 errors, best.pt, 10000 test pairs"
+    assert figure.axes[0].get_title() == "pred 0 (true 6)\n0+1 \u2192 1 (true 7)"
+    assert draw_misclassified([], 0, mnist_test, "t").get_suptitle() == "no errors, t"

@@ -34,7 +34,8 @@ def slurm_cluster():
     """The cluster must answer; in CI its absence is a failure, elsewhere a reason to skip."""
     if shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
         return
-    message = "no SLURM cluster answers: start one with `bash slurm/local/start.sh; . slurm/local/env.sh`"
+    message = ("no SLURM cluster answers: start one as root on Debian with "
+               "`MNIST_ADD_SLURM_NODES=2 bash slurm/local/start.sh && . slurm/local/env.sh`")
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
