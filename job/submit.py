@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from job import sweep
 from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged, training_config, upgraded
-from mnist_add.rundir import RunDirError
+from mnist_add.rundir import SUMMARY_NAME, RunDirError, summary_line
 from mnist_add.train import setup_logging, train
 
 
@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # submitit re-raises the job's failure with its traceback
         print(f"error: job {job.job_id} failed:\n{err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    if summary.get("status") != "completed":
+        print(f"job {job.job_id} ended {summary.get('status')}: {json.dumps(summary)}")
+        return 1
+    print(f"job {job.job_id} completed at step {summary['step']} on {summary['world_size']} rank(s): "
+          f"{summary_line(summary)}; all of it in {Path(cfg.run.dir) / SUMMARY_NAME}")
     return 0
 
 

@@ -143,6 +143,15 @@ def write_config(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, Path(cfg.run.dir) / CONFIG_NAME, resolve=True)
 
 
+def summary_line(summary: dict) -> str:
+    """A completed run's scores in one line (a summary from before best.pt was scored holds the test's alone)."""
+    test = summary["test"]
+    line = f"test digit {test['acc_digit']:.4f} sum {test['acc_sum']:.4f} both {test['acc_both']:.4f}"
+    if best := summary.get("best"):
+        line += f"; best.pt (step {best['step']}) test sum {best['test']['acc_sum']:.4f}"
+    return line
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     (run_dir / SUMMARY_NAME).write_text(strict_json(summary, indent=2) + "\n")
 

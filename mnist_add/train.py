@@ -32,7 +32,7 @@ from mnist_add.learner import Learner, build_learner, recompute_batchnorm
 from mnist_add.model import build_model
 from mnist_add.precision import configure_kernels, resolve
 from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
-                              write_config, write_summary)
+                              summary_line, write_config, write_summary)
 from mnist_add.tracking import build_tracker
 
 log = logging.getLogger("mnist_add")
@@ -78,9 +78,8 @@ def train(cfg: DictConfig) -> dict:
     try:
         take_run_dir(lock, runtime)
         if summary := completed_run(cfg):
-            log.info("%s already holds this run, completed: test digit %.4f sum %.4f both %.4f (%s); nothing to do",
-                     cfg.run.dir, summary["test"]["acc_digit"], summary["test"]["acc_sum"],
-                     summary["test"]["acc_both"], SUMMARY_NAME)
+            log.info("%s already holds this run, completed: %s (%s); nothing to do", cfg.run.dir,
+                     summary_line(summary), SUMMARY_NAME)
             return summary
         with StopSignals() as signals:
             return _train(cfg, runtime, signals)
@@ -428,15 +427,12 @@ def stop(runtime: Runtime, reasons: list[str], saved: Path, tracker, progress: P
 
 
 def finish_run(runtime: Runtime, run_dir: Path, summary: dict, tracker) -> None:
-    best = summary["best"]
     tracker.log({**{f"test/{key}": value for key, value in summary["test"].items()},
-                 **{f"best/test/{key}": value for key, value in best["test"].items()}}, summary["step"])
+                 **{f"best/test/{key}": value for key, value in summary["best"]["test"].items()}}, summary["step"])
     tracker.log_per_class(summary["per_class"], summary["step"])
     if runtime.is_main:
         write_summary(run_dir, summary)
-        log.info("done: test digit %.4f sum %.4f both %.4f; best.pt (step %d) test sum %.4f -> %s",
-                 summary["test"]["acc_digit"], summary["test"]["acc_sum"], summary["test"]["acc_both"],
-                 best["step"], best["test"]["acc_sum"], run_dir / SUMMARY_NAME)
+        log.info("done: %s -> %s", summary_line(summary), run_dir / SUMMARY_NAME)
     tracker.finish()
 
 

@@ -64,25 +64,25 @@ def missing_modules(text: str) -> list[str]:
     return missing
 
 
+def missing_names(text: str, pattern: re.Pattern, exists, shown=lambda name: name) -> list[str]:
+    """Every name `pattern` finds in the code of `text` that `exists` does not, as `shown` writes it."""
+    names = (name for snippet in code_snippets(text) for name in pattern.findall(snippet))
+    return [shown(name) for name in names if not exists(name)]
+
+
+def config_exists(name: str) -> bool:
+    name = name.rstrip(".,;:)")
+    candidates = [REPO / name] if "/" in name else [REPO / "configs" / name, REPO / "configs" / f"{name}.yaml"]
+    return any(path.is_file() for path in candidates)
+
+
 def missing_configs(text: str) -> list[str]:
-    missing = []
-    for snippet in code_snippets(text):
-        for name in CONFIG.findall(snippet):
-            name = name.rstrip(".,;:)")
-            candidates = [REPO / name] if "/" in name else [REPO / "configs" / name, REPO / "configs" / f"{name}.yaml"]
-            if not any(path.is_file() for path in candidates):
-                missing.append(f"--config {name}")
-    return missing
+    return missing_names(text, CONFIG, config_exists, lambda name: f"--config {name.rstrip('.,;:)')}")
 
 
 def missing_paths(text: str) -> list[str]:
-    missing = []
-    for snippet in code_snippets(text):
-        for token in REPO_PATH.findall(snippet):
-            token = token.rstrip(".")
-            if not (REPO / token).exists():
-                missing.append(token)
-    return missing
+    return missing_names(text, REPO_PATH, lambda token: (REPO / token.rstrip(".")).exists(),
+                         lambda token: token.rstrip("."))
 
 
 def github_anchors(text: str) -> set[str]:

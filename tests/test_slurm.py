@@ -19,6 +19,7 @@ from mnist_add.checkpoint import Checkpointer
 from mnist_add.config import load_config
 from mnist_add.data import GlobalBatchSampler, build_datasets
 from mnist_add.distributed import StopSignals
+from mnist_add.rundir import summary_line
 from mnist_add.train import Progress
 from wandb_records import offline_runs
 
@@ -88,9 +89,11 @@ def test_submitit_job_trains_like_torchrun(reference, data_root, tmp_path):
     result = submit(data_root, tmp_path, "--wait")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "submitted job" in result.stdout and "follow: tail -f" in result.stdout
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
-    assert printed["world_size"] == 2 and printed["test"] == summary(reference)["test"]
-    assert printed["fingerprint"] == summary(reference)["fingerprint"]
+    ours = summary(tmp_path)
+    assert ours["world_size"] == 2 and ours["test"] == summary(reference)["test"]
+    assert ours["fingerprint"] == summary(reference)["fingerprint"]
+    assert result.stdout.endswith(f"completed at step {ours['step']} on 2 rank(s): {summary_line(ours)}; all of it "
+                                  f"in {tmp_path / 'summary.json'}\n")  # one line, not the whole summary
     assert_bitwise_equal(final_weights(tmp_path), final_weights(reference))
 
 
