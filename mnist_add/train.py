@@ -10,7 +10,6 @@ Rank 0 writes the run directory: config.yaml, metrics.jsonl, checkpoints/, summa
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -181,9 +180,10 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                     progress.step_in_epoch = 0
                 check_weights_finite(cfg, learner.model, progress, checkpointer)
                 validation = evaluate_and_log(cfg, runtime, learner, splits, tracker, progress)
-                acc_sum = validation.metrics("")["acc_sum"] if validation else math.inf  # nothing held out:
-                best = acc_sum > progress.best_acc_sum  # the newest weights are the best there are
-                progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
+                acc_sum = None if validation is None else validation.metrics("")["acc_sum"]
+                best = acc_sum is None or acc_sum > progress.best_acc_sum  # nothing held out: the newest is best
+                if acc_sum is not None:
+                    progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
                 save(best=best)
         except BaseException:
             tracker.finish(exit_code=1)

@@ -277,6 +277,11 @@ def test_with_nothing_held_out_training_uses_every_image_and_best_pt_is_the_fina
     assert summary["best"]["test"] == summary["test"]
     best, final = weights(tmp_path / "run", "best.pt"), weights(tmp_path / "run", "step-00000020.pt")
     assert all(torch.equal(best[key], final[key]) for key in final)
+    # And after a resume: best.pt follows the final weights still.
+    resumed = make_cfg("trainer.epochs=3", "data.val_samples=0", "data.train_samples=512", run_dir=tmp_path / "b")
+    train(make_cfg("trainer.epochs=3", "data.val_samples=0", "data.train_samples=512", "trainer.max_steps=20",
+                   run_dir=tmp_path / "b"))
+    assert train(resumed)["best"]["step"] == 48 == checkpoint_step(tmp_path / "b/checkpoints/best.pt")
     said = ("data.val_samples=0: training on all 60000 images, nothing held out to choose on; "
             "best.pt is the final weights")
     assert [r.getMessage() for r in caplog.records].count(said) == 1
