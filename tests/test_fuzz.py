@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from job import submit
+from conftest import run_module
 from mnist_add import checkpoint, compare, evaluate, predict, report
 from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, flatten, load_config, parse_args, to_dict, training_config, upgraded
@@ -114,6 +115,8 @@ def usable(cfg) -> None:
 @example(["trainer.seed=99999999999999999999"])
 @example(["trainer.num_threads=99999999999"])
 @example(["data.train_samples=60000"])
+@example(["run.dir=\x1f"])  # found by the fuzzer: YAML refuses control characters
+@example(["trainer.seed=1e999", "wandb.dir=\x00"])
 def test_any_overrides_validate_or_are_one_config_error_line(overrides):
     try:
         cfg = load_config([], overrides, submit.SubmitConfig)
@@ -166,6 +169,8 @@ RUN_DIRS = ["missing/deeper/run", "a-file", "/proc/x", "/proc/self/status/run", 
 @FUZZ
 @given(st.one_of(st.sampled_from(RUN_DIRS), st.text(max_size=40)))
 @example("/proc/x")
+@example("\x00")  # found by the fuzzer: a NUL in a path
+@example("z" * 300)
 def test_any_run_dir_is_taken_or_refused_in_one_line(tmp_path, run_dir):
     space = tmp_path / "space"
     shutil.rmtree(space, ignore_errors=True)
@@ -246,6 +251,7 @@ def run_cli(main, argv: list[str], cwd: Path) -> tuple[int, str]:
 @example(("mnist_add.evaluate", ["--checkpoint", "missing.pt", "--batch-size", "0"]))
 @example(("mnist_add.predict", ["--checkpoint", "missing.pt", "digit.png"]))
 @example(("mnist_add.predict", ["--checkpoint", "missing.pt", "--index", "3", "digit.png", "4"]))
+@example(("mnist_add.report", ["y" * 5000]))  # found by the fuzzer: a name too long
 def test_any_command_line_works_or_is_one_error_line(cli_dir, command_line):
     module, argv = command_line
     code, err = run_cli(MAINS[module], argv, cli_dir)
@@ -358,3 +364,36 @@ def test_any_torch_saved_object_is_refused_in_one_line_or_resumes(saved, tmp_pat
 
 def test_the_fuzzer_walks_every_key_of_the_schema():
     assert set(TRAINING_KEYS) == set(flatten(to_dict(load_config([], []))))
+
+
+# --- end to end: the table, through the real command lines -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def width_16_checkpoint(tmp_path_factory, data_root) -> Path:
+    run = tmp_path_factory.mktemp("w16")
+    train(load_config(["debug"], [f"data.root={data_root}", f"run.dir={run}", "model.width=16",
+                                  "trainer.max_steps=2", "trainer.num_threads=1"]))
+    return run / "checkpoints" / "best.pt"
+
+
+@pytest.mark.parametrize("case", ["another network", "binary config", "unset variable", "huge seed", "/proc",
+                                  "batch size 0", "addend forgotten"])
+def test_each_mistake_of_the_table_is_one_line_and_exit_2(case, width_16_checkpoint, data_root, tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe\x80")
+    (tmp_path / "digit.png").write_text("not read: the addend is missing first")
+    train_args = ["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}"]
+    module, args = {
+        "another network": ("mnist_add.train", [*train_args, "model.width=8", f"trainer.resume={width_16_checkpoint}"]),
+        "binary config": ("mnist_add.train", [*train_args, "--config", str(tmp_path / "binary.yaml")]),
+        "unset variable": ("mnist_add.train", [*train_args, "data.root=${oc.env:NO_SUCH_VAR}"]),
+        "huge seed": ("mnist_add.train", [*train_args, "trainer.seed=99999999999999999999"]),
+        "/proc": ("mnist_add.train", ["--config", "debug", f"data.root={data_root}", "run.dir=/proc/x"]),
+        "batch size 0": ("mnist_add.evaluate", ["--checkpoint", str(width_16_checkpoint), "--batch-size", "0"]),
+        "addend forgotten": ("mnist_add.predict", ["--checkpoint", str(width_16_checkpoint),
+                                                   str(tmp_path / "digit.png")]),
+    }[case]
+    result = run_module(module, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run").exists()  # a refused launch leaves nothing behind
