@@ -198,8 +198,13 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
             cfg = OmegaConf.merge(cfg, _load_yaml(_existing(path)))
         cfg = OmegaConf.merge(cfg, _from_dotlist(list(overrides)))
         OmegaConf.to_container(cfg, resolve=True)  # an interpolation that cannot resolve fails here, not mid-run
+    except ConfigError:
+        raise
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
+    except (ValueError, TypeError, AttributeError) as err:  # OmegaConf's own, on a key set under a list or scalar
+        raise ConfigError(f"invalid config: the overrides {' '.join(overrides)} cannot be combined "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     check_bounds(cfg, schema)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
