@@ -197,7 +197,8 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
         for path in files:
             cfg = OmegaConf.merge(cfg, _load_yaml(_existing(path)))
         cfg = OmegaConf.merge(cfg, _from_dotlist(list(overrides)))
-        OmegaConf.to_container(cfg, resolve=True)  # an interpolation that cannot resolve fails here, not mid-run
+        # Interpolations resolve now, to values their fields accept: a bad one fails here, not mid-run.
+        OmegaConf.resolve(cfg)
     except ConfigError:
         raise
     except OmegaConfBaseException as err:

@@ -120,6 +120,7 @@ def usable(cfg) -> None:
 @example(["run.dir=\x1f"])  # found by the fuzzer: YAML refuses control characters
 @example(["trainer.seed=1e999", "wandb.dir=\x00"])
 @example(["run.dir=-", "run.dir.more="])  # found by the long fuzz: a key under the list that '-' reads as
+@example(["wandb.tags=${oc.env:HOME}"])  # found by the long fuzz: a string where a list belongs
 def test_any_overrides_validate_or_are_one_config_error_line(overrides):
     try:
         cfg = load_config([], overrides, submit.SubmitConfig)
