@@ -136,7 +136,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     seed: int = ranged(0, ge=0, le=2**32 - 1)
-    epochs: int = ranged(10, ge=1)
+    epochs: int = ranged(10, ge=1, le=1_000_000)  # bounded so that seed * 1_000_003 + epoch fits a 64-bit seed
     batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
     eval_batch_size: int = ranged(1000, ge=1)  # test images per evaluation batch; each rank scores whole
     # batches in turn, the same batches on any world size, so the metrics do not depend on it
@@ -269,6 +269,8 @@ def check_bounds(cfg: DictConfig, schema: type, prefix: str = "") -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:  # what torch and the RNGs take
+            raise ConfigError(f"{key} must fit in 64 bits, got {value}")
         for relation, bound in spec.metadata.get("bounds", {}).items():
             if not _BOUNDS[relation][0](value, bound):
                 raise ConfigError(f"{key} must be {_BOUNDS[relation][1]} {bound}, got {value}")

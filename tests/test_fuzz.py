@@ -2,7 +2,8 @@
 config schema, config files, run directories, the command lines and the checkpoint reader.
 
 Seeded (derandomize), so CI runs the same cases every time. MNIST_ADD_FUZZ_EXAMPLES sets the number of cases per
-property and draws fresh ones (docs/development.md, Fuzzing: a long fuzz). Every input that ever failed stays below as an @example.
+property and draws fresh ones (docs/development.md, Fuzzing: a long fuzz). Every input that ever failed stays
+below as an @example.
 """
 
 import contextlib
@@ -121,6 +122,7 @@ def usable(cfg) -> None:
 @example(["trainer.seed=1e999", "wandb.dir=\x00"])
 @example(["run.dir=-", "run.dir.more="])  # found by the long fuzz: a key under the list that '-' reads as
 @example(["wandb.tags=${oc.env:HOME}"])  # found by the long fuzz: a string where a list belongs
+@example(["trainer.epochs=18446744073709551616"])  # found by the long fuzz: past every 64-bit seed
 def test_any_overrides_validate_or_are_one_config_error_line(overrides):
     try:
         cfg = load_config([], overrides, submit.SubmitConfig)
