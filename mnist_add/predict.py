@@ -22,7 +22,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from mnist_add.checkpoint import CheckpointError
 from mnist_add.config import cli_parser
 from mnist_add.data import IMAGE_SHAPE, MEAN, NUM_ADDENDS, STD, DatasetError, MNISTAdd
-from mnist_add.evaluate import load_model
+from mnist_add.scoring import load_model
 
 DIGIT_BOX = 20  # MNIST fitted each digit into 20x20 (keeping its aspect ratio) before centring it in 28x28
 INK_THRESHOLD = 0.1  # of the stretched grey range: fainter pixels (paper grain, noise) do not widen the box

@@ -26,7 +26,7 @@ from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, flatten, parse_args, to_dict, upgraded
 from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets, to_device
 from mnist_add.distributed import Runtime, StopSignals
-from mnist_add.evaluate import Evaluation, evaluate
+from mnist_add.scoring import Evaluation, evaluate
 from mnist_add.learner import Learner, build_learner, recompute_batchnorm
 from mnist_add.model import build_model
 from mnist_add.precision import configure_kernels, resolve

@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_module, start_and_wait_for_checkpoint, torchrun
 from mnist_add import checkpoint
-from mnist_add.evaluate import evaluate, load_model
+from mnist_add.scoring import evaluate, load_model
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.learner import Learner

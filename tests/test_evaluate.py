@@ -9,7 +9,8 @@ from conftest import run_module, torchrun
 from mnist_add.config import SumLoss, load_config
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
-from mnist_add.evaluate import Evaluation, evaluate, load_model, main
+from mnist_add.evaluate import main
+from mnist_add.scoring import Evaluation, evaluate, load_model
 from mnist_add.model import build_model, task_losses
 from mnist_add.train import train
 

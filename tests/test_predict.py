@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import run_module
 from mnist_add.data import MEAN, STD, MNISTAdd
-from mnist_add.evaluate import load_model
+from mnist_add.scoring import load_model
 from mnist_add.predict import main, predict, prepare_image, read_image
 from mnist_add.train import train
 

@@ -13,7 +13,7 @@ from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
-from mnist_add.evaluate import evaluate, load_model
+from mnist_add.scoring import evaluate, load_model
 from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
 from mnist_add.learner import Learner, build_learner
