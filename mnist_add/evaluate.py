@@ -2,22 +2,31 @@
 
     python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/best.pt [--split val] [--exhaustive] [--json]
     torchrun --nproc_per_node=N -m mnist_add.evaluate --checkpoint ...   # sharded, same numbers
+
+The checkpoint's path is checked before torch is imported (seconds; half a minute on a busy machine), so a
+mistyped path, or a best.pt that the run has not written yet, is said at once.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
-import torch
-
-from mnist_add import checkpoint, distributed
-from mnist_add.config import DistConfig, cli_parser, positive_int
-from mnist_add.data import DatasetError
-from mnist_add.scoring import evaluate, load_model, load_split
+from mnist_add import checkpoint
+from mnist_add.config import cli_parser, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        checkpoint.check_file(args.checkpoint)
+    except checkpoint.CheckpointError as err:
+        return refuse(err)
+    return evaluate_checkpoint(args)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli_parser("mnist_add.evaluate", "Evaluate a checkpoint on the MNIST-add test (or validation) set.")
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by mnist_add.train")
     parser.add_argument("--split", choices=("test", "val"), default="test",
@@ -26,7 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
     parser.add_argument("--batch-size", type=positive_int, default=1000, help="images per evaluation batch")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
+    import torch  # here, after the path is checked: see the module's docstring
+
+    from mnist_add import distributed
+    from mnist_add.config import DistConfig
+    from mnist_add.data import DatasetError
+    from mnist_add.scoring import evaluate, load_model, load_split
+
     runtime = distributed.setup(DistConfig())
     try:
         model, cfg = load_model(args.checkpoint, runtime.device)
@@ -36,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(model, dataset, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive,
                           progress=runtime.is_main and sys.stderr.isatty())
     except (checkpoint.CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     finally:
         distributed.teardown()
     metrics = {"pairs": result.num_pairs, **result.metrics(prefix="")}
@@ -48,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\n".join(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in metrics.items()))
     return 0
+
+
+def refuse(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import sys
 from collections import Counter
 
 import pytest
@@ -199,6 +200,17 @@ def test_a_best_pt_not_written_yet_says_when_it_comes_and_names_the_newest_step(
     assert capsys.readouterr().err == (
         f"error: checkpoint {tmp_path}/checkpoints/best.pt does not exist yet: it is written at the first epoch's "
         f"end, with the first validation; the newest checkpoint now is {tmp_path}/checkpoints/step-00000016.pt\n")
+
+
+def test_a_missing_checkpoint_is_said_before_torch_is_imported(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    result = run_module("mnist_add.evaluate", "--checkpoint", f"{tmp_path}/checkpoints/best.pt",
+                        launcher=(sys.executable, "-X", "importtime"))
+    *imports, said = result.stderr.splitlines()
+    assert result.returncode == 2 and said.startswith(f"error: checkpoint {tmp_path}/checkpoints/best.pt does not "
+                                                      f"exist yet"), result.stderr
+    imported = {line.rpartition("|")[2].strip() for line in imports}
+    assert "omegaconf" in imported and "torch" not in imported
 
 
 def test_exhaustive_scoring_reads_each_image_once_where_the_digits_ignore_the_addend(model, data_root):
