@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # a path too long, a folder that cannot be written
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
-        return 1
+        return 2
     if args.json:
         print(json.dumps(to_json(comparison, figures), indent=2))
     else:

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"index": args.index, "true_digit": digit, "true_sum": digit + args.addend}
     except (InputError, CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     result = {**predict(model, image, args.addend), **extra}
     if args.json:
         print(json.dumps(result))

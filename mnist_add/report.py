@@ -241,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.run_dir / METRICS_NAME).is_file():
             print(f"error: {args.run_dir} has no {METRICS_NAME}: not a run directory of mnist_add.train, "
                   f"or the run has not logged a step yet", file=sys.stderr)
-            return 1
+            return 2
         written = write_report(args.run_dir, args.out or args.run_dir / "report", args.data_root)
     except (CheckpointError, ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as err:  # a path too long, a folder that cannot be written
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
-        return 1
+        return 2
     print("\n".join(str(path) for path in written))
     return 0
 

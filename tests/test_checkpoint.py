@@ -128,7 +128,7 @@ def test_every_tool_reports_a_bad_checkpoint_in_one_line(tool, kind, data_root, 
     bad = str(make_bad(kind, tmp_path / "bad.pt"))
     argv, entry, code = {
         "evaluate": (["--checkpoint", bad, "--data-root", data_root], evaluate.main, 2),
-        "predict": (["--checkpoint", bad, "--index", "0", "3", "--data-root", data_root], predict.main, 1),
+        "predict": (["--checkpoint", bad, "--index", "0", "3", "--data-root", data_root], predict.main, 2),
         "train": (["--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path / 'run'}",
                    f"trainer.resume={bad}"], train.main, 2),
     }[tool]

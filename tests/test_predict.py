@@ -179,5 +179,5 @@ def test_cli_bad_input_is_a_one_line_error(case, message, trained, not_an_image,
 def test_an_error_on_the_command_line_is_one_line_without_traceback(trained, not_an_image):
     checkpoint, _ = trained
     result = run_module("mnist_add.predict", "--checkpoint", str(checkpoint), not_an_image, "3")
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: cannot read image") and result.stderr.count("\n") == 1, result.stderr

@@ -171,7 +171,7 @@ def test_confusion_cells_show_every_count_in_a_readable_size():
 
 def test_a_dir_without_metrics_is_a_one_line_error(tmp_path):
     result = run_module("mnist_add.report", str(tmp_path))
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"error: {tmp_path} has no metrics.jsonl") and result.stderr.count("\n") == 1
     assert not (tmp_path / "report").exists()
 
