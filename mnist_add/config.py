@@ -213,15 +213,17 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
 
 
 def _from_dotlist(overrides: list[str]) -> DictConfig:
-    """`key=value` items, each value read as YAML (as OmegaConf does), one line for one that is not."""
+    """`key=value` items, each value read as YAML (as OmegaConf.from_dotlist does, one item after the other), one
+    line for one that is not."""
+    cfg = OmegaConf.create()
     for item in overrides:
         try:
-            OmegaConf.from_dotlist([item])
+            cfg.merge_with_dotlist([item])
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"the value of {item.partition('=')[0]!r} is not valid YAML ({problem}); quote it or "
                               f"fix it: key=value") from None
-    return OmegaConf.from_dotlist(overrides)
+    return cfg
 
 
 def _load_yaml(path: Path) -> DictConfig:
