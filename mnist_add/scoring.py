@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -111,7 +112,11 @@ def _pairs(dataset: MNISTAdd, indices: torch.Tensor, exhaustive: bool, device: t
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[AddNet, DictConfig]:
     """The network a checkpoint serves (its weight average, where training averaged), in eval mode, and the config
     it was trained with."""
-    state = checkpoint.load(path, keys=checkpoint.MODEL_KEYS)
+    return model_from(checkpoint.load(path, keys=checkpoint.MODEL_KEYS), path, device)
+
+
+def model_from(state: dict, path: str | Path, device: str | torch.device = "cpu") -> tuple[AddNet, DictConfig]:
+    """`load_model` of a checkpoint already read (`path` names it in errors)."""
     try:
         cfg = upgraded(state[checkpoint.CONFIG])
         model = build_model(cfg.model)

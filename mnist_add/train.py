@@ -26,9 +26,8 @@ from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, flatten, parse_args, to_dict, upgraded
 from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets, to_device
 from mnist_add.distributed import Runtime, StopSignals
-from mnist_add.scoring import Evaluation, evaluate
+from mnist_add.scoring import Evaluation, evaluate, model_from
 from mnist_add.learner import Learner, build_learner, recompute_batchnorm
-from mnist_add.model import build_model
 from mnist_add.precision import configure_kernels, resolve
 from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
                               summary_line, write_config, write_summary)
@@ -406,11 +405,11 @@ def final_scores(cfg: DictConfig, runtime: Runtime, learner: Learner, splits: Sp
     test = scores(learner.served, splits.test)
     final = {"val": None if validation is None else validation.metrics(""), "test": test.metrics("")}
     distributed.barrier()  # rank 0 has written best.pt
-    state = checkpoint.load(checkpointer.directory / checkpoint.BEST_NAME, keys=(checkpoint.MODEL, checkpoint.PROGRESS))
+    best_path = checkpointer.directory / checkpoint.BEST_NAME
+    state = checkpoint.load(best_path, keys=(*checkpoint.MODEL_KEYS, checkpoint.PROGRESS))
     best = {"step": state[checkpoint.PROGRESS]["step"], **final}
     if best["step"] != progress.step:
-        model = build_model(cfg.model).to(runtime.device)
-        model.load_state_dict(checkpoint.served_weights(state))
+        model, _ = model_from(state, best_path, runtime.device)
         best.update({split: None if result is None else result.metrics("") for split, result in
                      (("val", scores(model, splits.val)), ("test", scores(model, splits.test)))})
     return {**final, "per_class": test.per_class(), "best": best}
