@@ -29,7 +29,8 @@ import torch
 from omegaconf import DictConfig
 
 from job import sweep
-from mnist_add.config import Config, ConfigError, build_parser, load_config, ranged, training_config, upgraded
+from mnist_add.config import (Config, ConfigError, build_parser, load_config, ranged, refuse, training_config,
+                              upgraded)
 from mnist_add.rundir import SUMMARY_NAME, RunDirError, summary_line
 from mnist_add.train import setup_logging, train
 
@@ -183,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg, sweep_plan = read_command_line(argv)
     except (ConfigError, RunDirError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     if sweep_plan is not None:
         return submit_sweep(sweep_plan, cfg.job, args.wait)
     job = build_executor(cfg.job, cfg.run.dir).submit(Trainer(training_config(cfg)))

@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from mnist_add.config import cli_parser, flatten
+from mnist_add.config import cli_parser, flatten, refuse
 from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, is_running
 from mnist_add.tracking import read_metrics
 
@@ -317,11 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         comparison = compare(args.dirs, args.score)
         figures = write_figures(comparison, args.out or args.dirs[0] / "compare")
     except CompareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     except OSError as err:  # a path too long, a folder that cannot be written
-        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
-        return 2
+        return refuse(f"{err.filename}: {err.strerror}")
     if args.json:
         print(json.dumps(to_json(comparison, figures), indent=2))
     else:

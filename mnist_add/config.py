@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -306,11 +307,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
 
 
+def refuse(message: object) -> int:
+    """Say a mistake the user can fix, in one line on stderr; returns the exit code every tool gives it."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 class OneLineParser(argparse.ArgumentParser):
     """The command lines' parser: a usage mistake reads like every other error, one line and exit 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
+        sys.exit(refuse(message))
 
 
 def cli_parser(module: str, description: str) -> OneLineParser:

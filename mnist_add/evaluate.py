@@ -14,7 +14,7 @@ import json
 import sys
 
 from mnist_add import checkpoint
-from mnist_add.config import cli_parser, positive_int
+from mnist_add.config import cli_parser, positive_int, refuse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,11 +66,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     else:
         print("\n".join(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in metrics.items()))
     return 0
-
-
-def refuse(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

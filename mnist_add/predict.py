@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 from mnist_add.checkpoint import CheckpointError
-from mnist_add.config import cli_parser
+from mnist_add.config import cli_parser, refuse
 from mnist_add.data import IMAGE_SHAPE, MEAN, NUM_ADDENDS, STD, DatasetError, MNISTAdd
 from mnist_add.scoring import load_model
 
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             image, digit = mnist_test_image(args.data_root or cfg.data.root, args.index)
             extra = {"index": args.index, "true_digit": digit, "true_sum": digit + args.addend}
     except (InputError, CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     result = {**predict(model, image, args.addend), **extra}
     if args.json:
         print(json.dumps(result))

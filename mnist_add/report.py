@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, SumHead, cli_parser, load_config
+from mnist_add.config import ConfigError, SumHead, cli_parser, load_config, refuse
 from mnist_add.data import NUM_SUMS, DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.scoring import evaluate, load_model
@@ -239,16 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not (args.run_dir / METRICS_NAME).is_file():
-            print(f"error: {args.run_dir} has no {METRICS_NAME}: not a run directory of mnist_add.train, "
-                  f"or the run has not logged a step yet", file=sys.stderr)
-            return 2
+            return refuse(f"{args.run_dir} has no {METRICS_NAME}: not a run directory of mnist_add.train, "
+                          f"or the run has not logged a step yet")
         written = write_report(args.run_dir, args.out or args.run_dir / "report", args.data_root)
     except (CheckpointError, ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     except OSError as err:  # a path too long, a folder that cannot be written
-        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
-        return 2
+        return refuse(f"{err.filename}: {err.strerror}")
     print("\n".join(str(path) for path in written))
     return 0
 
