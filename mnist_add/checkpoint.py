@@ -30,7 +30,7 @@ TRAINING_KEYS = (MODEL, OPTIMIZER, SCHEDULER, SCALER, PROGRESS, RNG, CONFIG, TRA
 MODEL_KEYS = (MODEL, CONFIG)  # what tools that only run a model need (see `served_weights`)
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 TMP_MARK = ".tmp-"  # a save in progress, or one killed half way: `.step-00000016.pt.tmp-PID`
-_USE_ANOTHER = "delete it to resume from an older one, or pass trainer.resume=PATH of a good one"
+_USE_ANOTHER = "delete it to resume from an older one (with none left, the run starts afresh)"
 
 
 def served_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -185,6 +185,18 @@ class Checkpointer:
             self._prune()
         return path
 
+    def best_usable(self) -> bool:
+        """Whether best.pt is there and loads; a damaged one is said in a warning (the next best replaces it)."""
+        path = self.directory / BEST_NAME
+        if not path.exists():
+            return False
+        try:
+            load(path, keys=(*MODEL_KEYS, PROGRESS))
+            return True
+        except CheckpointError as err:
+            log.warning("%s; the next validation writes %s anew", err, BEST_NAME)
+            return False
+
     def restore_newest(self, restore: Callable[[dict[str, Any], Path], None],
                        keys: tuple[str, ...] = ()) -> Path | None:
         """Apply the newest step checkpoint that loads (with `keys`) and fits; warn about and skip bad ones.
@@ -200,9 +212,8 @@ class Checkpointer:
             except CheckpointError as err:
                 log.warning("skipping checkpoint: %s", err)
                 failures.append(str(err))
-        if failures:
-            raise CheckpointError(
-                f"no usable checkpoint in {self.directory}:\n  " + "\n  ".join(failures)
-                + "\nFix or remove them, or start a new run with another run.dir"
-            )
+        if failures:  # the newest's reason and fix; the older ones' are in the warnings above
+            older = f"; the {len(failures) - 1} older one(s) fail too (the warnings above say why)" \
+                if len(failures) > 1 else ""
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: {failures[0]}{older}")
         return None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -124,19 +125,57 @@ def completed_run(cfg: DictConfig) -> dict | None:
         raise RunDirError(f"trainer.resume=never but {run_dir} already holds a run; use a new run.dir, "
                           f"or trainer.resume=auto to continue it")
     summary_path, config_path = run_dir / SUMMARY_NAME, run_dir / CONFIG_NAME
-    if not summary_path.is_file():
-        return None
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "completed":
+    summary = read_summary(summary_path)
+    if summary is None or summary["status"] != "completed":
         return None
     try:
         saved = flatten(to_dict(upgraded(OmegaConf.load(config_path)))) if config_path.is_file() else {}
     except OmegaConfBaseException:  # written with a key this version no longer has: another run
         return None
+    except (yaml.YAMLError, ValueError, OSError) as err:  # damaged: training on rewrites it
+        log.warning("%s is damaged (%s): resuming, which writes it again", config_path, type(err).__name__)
+        return None
     ours = flatten(to_dict(cfg))
     same = all(saved.get(key) == ours.get(key) for key in set(saved) | set(ours)
                if not key.startswith(OPERATIONAL_KEYS))
     return summary if same else None
+
+
+def read_summary(path: Path) -> dict | None:
+    """A run's summary.json, None when there is none. A damaged one (not JSON, or not a summary) is said in a warning
+    and read as none: the run's checkpoints are what count, and finishing the run again writes it anew."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise RunDirError(f"{path} is not a regular file; remove it, and the run writes its summary there again")
+    try:
+        summary = json.loads(path.read_bytes())
+    except (ValueError, OSError) as err:  # not UTF-8, not JSON, unreadable
+        log.warning("%s is damaged (%s): the run finishes again from its newest checkpoint and rewrites it", path,
+                    type(err).__name__)
+        return None
+    if not _is_summary(summary):
+        log.warning("%s is not a summary this version wrote: the run finishes again from its newest checkpoint and "
+                    "rewrites it", path)
+        return None
+    return summary
+
+
+def _is_summary(value: Any) -> bool:
+    """The fields that a relaunch and summary_line read, of the right types."""
+    if not (isinstance(value, dict) and value.get("status") in ("completed", "stopped")):
+        return False
+    if value["status"] != "completed":
+        return True
+    scores = value.get("test")
+    return isinstance(value.get("step"), int) and isinstance(scores, dict) and all(
+        isinstance(scores.get(key), (int, float)) for key in ("acc_digit", "acc_sum", "acc_both")) and (
+        "best" not in value or _is_best(value["best"]))
+
+
+def _is_best(best: Any) -> bool:
+    return isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("test"), dict) \
+        and isinstance(best["test"].get("acc_sum"), (int, float))
 
 
 def write_config(cfg: DictConfig) -> None:
@@ -185,6 +224,7 @@ _FIXES = {
     errno.ENOENT: "no folder can be made there (a missing mount, or a virtual filesystem such as /proc): set run.dir "
                   "to a folder on a writable disk",
     errno.ENAMETOOLONG: "set run.dir to a shorter path",
+    errno.EISDIR: "a folder stands where the job keeps a file: move it out of the way",
 }
 
 

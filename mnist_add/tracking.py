@@ -28,7 +28,9 @@ class MetricsFile:
 
     After a crash, the steps between the last checkpoint and the crash are trained again, with
     bitwise the same results; their records are already in the file (and in W&B), so they are
-    not written twice. A last line cut short by the crash is dropped.
+    not written twice. A last line cut short by the crash is dropped. Any other line that is not a
+    record (a damaged disk, a hand edit) is moved to `metrics.jsonl.damaged`, with a warning: the
+    file stays one record per line, and nothing is thrown away.
     """
 
     def __init__(self, path: Path):
@@ -38,13 +40,21 @@ class MetricsFile:
         self.file = open(path, "a", buffering=1)
 
     def _repair(self) -> list[dict[str, Any]]:
-        lines = self.path.read_text().splitlines(keepends=True)
-        complete = [line for line in lines if _complete(line)]
-        if len(complete) < len(lines):
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(complete))
-            os.replace(tmp, self.path)
-        return [json.loads(line) for line in complete]
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        records = [_record(line) for line in lines]
+        if None not in records:
+            return records
+        cut_short = records[-1] is None and not lines[-1].endswith(b"\n")
+        damaged = [line for line, record in zip(lines[:len(lines) - cut_short], records) if record is None]
+        if damaged:
+            aside = self.path.with_name(self.path.name + DAMAGED_SUFFIX)
+            with open(aside, "ab") as f:
+                f.write(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in damaged))
+            log.warning("%s: %d line(s) that are not records moved to %s", self.path, len(damaged), aside)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(line for line, record in zip(lines, records) if record is not None))
+        os.replace(tmp, self.path)
+        return [record for record in records if record is not None]
 
     def is_new(self, record: dict[str, Any]) -> bool:
         return _record_key(record) not in self.seen
@@ -59,24 +69,33 @@ class MetricsFile:
         self.file.close()
 
 
+DAMAGED_SUFFIX = ".damaged"
+
+
 def _record_key(record: dict[str, Any]) -> tuple:
     """A train and an evaluation record can share a step; their key sets tell them apart."""
     return record["step"], frozenset(record) - {"step"}
 
 
-def _complete(line: str) -> bool:
-    """False for a line cut short by a crash."""
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The record a whole line holds; None for a line cut short by a crash, or anything else that is not one."""
     try:
-        json.loads(line)
-        return line.endswith("\n")
-    except json.JSONDecodeError:
-        return False
+        record = json.loads(line)
+    except ValueError:  # not UTF-8, not JSON
+        return None
+    is_record = line.endswith(b"\n") and isinstance(record, dict) and type(record.get("step")) is int
+    return record if is_record else None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, skipping a last line a crash cut short."""
+    """The records of a run's metrics.jsonl; lines that are not records (the last one cut short by a crash, or damage,
+    which a warning counts) are skipped."""
     path = Path(run_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if _complete(line)]
+    lines = path.read_bytes().splitlines(keepends=True)
+    records = [record for record in map(_record, lines) if record is not None]
+    if damaged := len(lines) - len(records) - (not lines[-1].endswith(b"\n") if lines else 0):
+        log.warning("%s: skipped %d line(s) that are not records", path, damaged)
+    return records
 
 
 class Tracker:

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -117,11 +118,12 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     # Resume; only then write to run.dir (a refused launch leaves it as it was), and open tracking
     # with the checkpoint's run id so that a requeued job continues its W&B run.
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints, write=runtime.is_main)
-    resumed_from, run_id = maybe_resume(cfg, checkpointer, learner, progress)
+    resumed = maybe_resume(cfg, checkpointer, learner, progress)
+    best_on_disk = resumed.best_on_disk
     if runtime.is_main:
         checkpointer.prepare()
         write_config(cfg)
-    tracker = build_tracker(cfg, runtime.is_main, run_id)
+    tracker = build_tracker(cfg, runtime.is_main, resumed.run_id)
     bar = tqdm(total=last_step, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
     window, agreement = StepWindow(runtime.device), Agreement(runtime.device)
@@ -133,9 +135,11 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                      "final weights", len(train_set))
 
     def save(best: bool = False) -> Path:
+        nonlocal best_on_disk
         check_weights_finite(cfg, learner.model, progress, checkpointer)
         state = {**learner.state_dict(), checkpoint.PROGRESS: progress.state_dict(), checkpoint.RNG: rng_state(),
                  checkpoint.CONFIG: to_dict(cfg), checkpoint.TRACKING_RUN_ID: tracker.run_id}
+        best_on_disk |= best
         return checkpointer.save(state, progress.step, best=best)
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not onto its line
@@ -188,22 +192,37 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
             tracker.finish(exit_code=1)
             raise
 
+    if not best_on_disk:  # no validation since this run.dir started, or since its best.pt was lost
+        if runtime.is_main:
+            log.warning("no validation in %s chose a best.pt (it started from trainer.resume=PATH at its end, or its "
+                        "best.pt was lost): the final weights are best.pt", run_dir)
+        save(best=True)
+
     # The test set scores the final weights and best.pt, once, after every choice was made.
     scores = final_scores(cfg, runtime, learner, splits, checkpointer, progress, validation)
     summary = {"status": "completed", "step": progress.step, "epoch": progress.epoch,
                "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
-               "resumed_from": str(resumed_from) if resumed_from else None,
+               "resumed_from": str(resumed.path) if resumed.path else None,
                "segment_wall_time_s": round(time.perf_counter() - started, 2), **scores}
     finish_run(runtime, run_dir, summary, tracker)
     bar.close()
     return summary
 
 
-def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
-                 progress: Progress) -> tuple[Path | None, str | None]:
-    """Restore per trainer.resume: `auto` (newest good checkpoint here, if any), `never`, or a path.
+class Resumed(NamedTuple):
+    path: Path | None  # the checkpoint restored, None for a fresh start
+    run_id: str | None  # the W&B run it continues
+    best_on_disk: bool  # whether run.dir's best.pt belongs to the state restored
 
-    Returns (checkpoint used or None, the tracking run id it carried).
+
+def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner, progress: Progress) -> Resumed:
+    """Restore per trainer.resume: `auto` (newest good checkpoint here, if any), `never`, or a PATH that starts
+    the run only while run.dir holds no step checkpoint of its own: the same command, requeued, then continues
+    from run.dir's newest instead of going back to PATH.
+
+    Where run.dir's best.pt does not belong to the state restored (a start from PATH, a lost or damaged best.pt),
+    the next validation writes best.pt whatever it scores: every run.dir holds its own best.pt once it has
+    validated.
     """
     found: dict = {}
 
@@ -220,16 +239,24 @@ def maybe_resume(cfg: DictConfig, checkpointer: Checkpointer, learner: Learner,
             raise CheckpointError(misfit(cfg, state[checkpoint.CONFIG], path, err)) from err
 
     if cfg.trainer.resume == "never":
-        return None, None
-    if cfg.trainer.resume == "auto":
+        return Resumed(None, None, False)
+    own = checkpointer.step_paths()
+    if cfg.trainer.resume == "auto" or own:
+        if own and cfg.trainer.resume != "auto":
+            log.info("%s holds checkpoints of its own: continuing from its newest, not from trainer.resume=%s",
+                     checkpointer.directory, cfg.trainer.resume)
         path = checkpointer.restore_newest(restore, keys=checkpoint.TRAINING_KEYS)
+        best_on_disk = path is not None and checkpointer.best_usable()
     else:
         path = Path(cfg.trainer.resume)
         restore(checkpoint.load(path, keys=checkpoint.TRAINING_KEYS), path)
+        found["run_id"], best_on_disk = None, False  # another run's W&B run and best.pt are not this one's
     if path:
         log.info("resumed from %s at step %d (epoch %d, step %d in it)",
                  path, progress.step, progress.epoch, progress.step_in_epoch)
-    return path, found.get("run_id")
+    if not best_on_disk:
+        progress.best_acc_sum = -1.0
+    return Resumed(path, found.get("run_id"), best_on_disk)
 
 
 def check_resume_keys(cfg: DictConfig, saved: dict, path: Path) -> None:

@@ -180,11 +180,12 @@ def test_summary_and_metrics_are_strict_json():
 
 def test_a_run_completed_before_a_key_was_added_is_still_this_run(data_root, tmp_path):
     cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
-    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    summary = {"status": "completed", "step": 16, "test": {"acc_digit": 0.5, "acc_sum": 0.5, "acc_both": 0.5}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
     older = to_dict(cfg)
     del older["model"]["dropout"]  # as an older version wrote config.yaml: without the key, which did nothing then
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
-    assert completed_run(cfg) == {"status": "completed"}
+    assert completed_run(cfg) == summary
     assert completed_run(load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}",
                                                  "model.dropout=0.5"])) is None
     older["model"]["gone"] = 1  # a key since removed: not this run
@@ -202,3 +203,26 @@ def test_a_launch_refused_before_it_wrote_anything_leaves_no_folder_behind(make_
     with pytest.raises(ConfigError):
         train(make_cfg("trainer.batch_size=1024", run_dir=space / "kept"))
     assert [p.name for p in space.iterdir()] == ["kept"] and list((space / "kept").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", [b"\x89PNG\r\n\x1a\n\x00\xff", b'{"status": "comp', b"[1, 2]",
+                                    b'{"status": "completed", "test": 5}', b""])
+def test_a_damaged_summary_is_said_and_the_run_finishes_again_from_its_checkpoint(make_cfg, tmp_path, damage,
+                                                                                   caplog):
+    cfg = make_cfg()
+    summary = train(cfg)
+    (tmp_path / "run/summary.json").write_bytes(damage)
+    again = train(cfg)
+    assert f"{tmp_path / 'run/summary.json'} is" in caplog.text
+    assert again["resumed_from"].endswith("step-00000016.pt")
+    assert json.loads((tmp_path / "run/summary.json").read_text()) == again
+    assert {key: again[key] for key in ("test", "val", "best")} == {key: summary[key] for key in ("test", "val", "best")}
+
+
+def test_a_damaged_config_yaml_of_a_completed_run_is_written_again(make_cfg, tmp_path, caplog):
+    cfg = make_cfg()
+    train(cfg)
+    (tmp_path / "run/config.yaml").write_bytes(b"\xff\xfe: [")
+    train(cfg)
+    assert "config.yaml is damaged" in caplog.text
+    assert OmegaConf.load(tmp_path / "run/config.yaml").run.dir == str(tmp_path / "run")

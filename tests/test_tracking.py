@@ -1,6 +1,7 @@
 """W&B runs offline, every folder inside the test's tmp_path (see conftest.isolated_wandb)."""
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -187,3 +188,25 @@ def test_an_exception_finishes_the_run_as_failed(make_cfg, tmp_path):
         train(make_cfg("wandb.mode=offline"))
     [run] = offline_runs(tmp_path / "run")
     assert run["complete"] and run["exit_code"] == 1
+
+
+def test_damaged_lines_of_metrics_jsonl_are_moved_aside_on_relaunch_and_nothing_is_lost(make_cfg, tmp_path, caplog):
+    train(make_cfg("trainer.max_steps=8"))
+    metrics = tmp_path / "run/metrics.jsonl"
+    good = metrics.read_bytes().splitlines(keepends=True)
+    damage = [b"\x00\xffbinary\n", b'{"step": "four"}\n', b"[1]\n"]
+    metrics.write_bytes(good[0] + b"".join(damage) + b"".join(good[1:]) + b'{"step": 9, "cut')  # and a cut last line
+    assert read_metrics(tmp_path / "run") == [json.loads(line) for line in good]
+    assert "skipped 3 line(s) that are not records" in caplog.text
+    train(make_cfg())
+    assert (tmp_path / "run/metrics.jsonl.damaged").read_bytes() == b"".join(damage)
+    assert "3 line(s) that are not records moved to" in caplog.text
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert steps == [4, 8, 12, 16]
+
+
+def test_a_relaunch_over_an_all_binary_metrics_jsonl_trains_on(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_steps=8"))
+    (tmp_path / "run/metrics.jsonl").write_bytes(bytes(range(256)) * 4)
+    assert train(make_cfg())["status"] == "completed"
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "train/loss" in r] == [12, 16]

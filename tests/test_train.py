@@ -230,19 +230,23 @@ def test_best_pt_holds_the_validation_with_the_highest_sum_accuracy_across_resum
     assert saved[checkpoint.PROGRESS]["best_acc_sum"] == best["val/acc_sum"] == summary["best"]["val"]["acc_sum"]
 
 
-@pytest.mark.parametrize("seed, case", [(3, "test would choose another epoch"), (7, "best is not the final epoch")])
-def test_best_pt_is_the_validation_argmax_and_is_scored_on_test_at_the_end(make_cfg, tmp_path, seed, case):
-    summary = train(make_cfg("trainer.epochs=4", "optim.lr=0.05", f"trainer.seed={seed}",
-                             "trainer.test_every_epoch=true"))
-    records = [r for r in read_metrics(tmp_path / "run") if "val/acc_sum" in r]
-    val, test = ({r["step"]: r[f"{split}/acc_sum"] for r in records} for split in ("val", "test"))
-    best = max(val, key=val.get)
-    assert list(val.values()).count(val[best]) == 1  # no tie decides it
-    if case == "test would choose another epoch":
-        assert max(test, key=test.get) != best
+@pytest.mark.parametrize("case", ["test would choose another epoch", "best is not the final epoch"])
+def test_best_pt_is_the_validation_argmax_and_is_scored_on_test_at_the_end(make_cfg, tmp_path, case):
+    # Which seed shows the case depends on the CPU's kernels: the first one that does.
+    for seed in range(20):
+        run = tmp_path / f"seed-{seed}"
+        summary = train(make_cfg("trainer.epochs=4", "optim.lr=0.05", f"trainer.seed={seed}",
+                                 "trainer.test_every_epoch=true", run_dir=run))
+        records = [r for r in read_metrics(run) if "val/acc_sum" in r]
+        val, test = ({r["step"]: r[f"{split}/acc_sum"] for r in records} for split in ("val", "test"))
+        best = max(val, key=val.get)
+        shown = max(test, key=test.get) != best if case == "test would choose another epoch" else \
+            best != summary["step"]
+        if shown and list(val.values()).count(val[best]) == 1:  # no tie decides it
+            break
     else:
-        assert best != summary["step"]
-    assert checkpoint_step(tmp_path / "run/checkpoints/best.pt") == best == summary["best"]["step"]
+        pytest.fail(f"no seed of 0-19 shows the case: {case}")
+    assert checkpoint_step(run / "checkpoints/best.pt") == best == summary["best"]["step"]
     assert summary["best"]["test"]["acc_sum"] == test[best]  # best.pt scored on test at the end
     assert summary["test"]["acc_sum"] == test[summary["step"]]
 
@@ -320,3 +324,50 @@ def test_the_log_opens_with_the_plan_and_each_line_counts_steps_and_time_left(ma
 @pytest.mark.parametrize("seconds, shown", [(45.4, "45s"), (192, "3m12s"), (3725, "1h02m"), (0.2, "0s")])
 def test_time_left_reads_in_hours_minutes_and_seconds(seconds, shown):
     assert duration(seconds) == shown
+
+
+def final_weights_equal(run_a: Path, run_b: Path, step: int) -> bool:
+    a, b = (weights(run, f"step-{step:08d}.pt") for run in (run_a, run_b))
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_path_into_a_new_run_dir_finishes_with_its_own_best_pt(make_cfg, tmp_path):
+    # The old run's best was an earlier epoch than the checkpoint resumed from, which no later validation of the
+    # new run.dir beats: best.pt must still be written there (issue #32, the run that could never finish).
+    old = train(make_cfg("trainer.epochs=4", run_dir=tmp_path / "old"))
+    assert old["best"]["step"] < 56
+    late = tmp_path / "old/checkpoints/step-00000056.pt"
+    new = make_cfg("trainer.epochs=4", f"trainer.resume={late}", run_dir=tmp_path / "new")
+    summary = train(new)
+    assert summary["status"] == "completed" and summary["resumed_from"] == str(late)
+    assert checkpoint_step(tmp_path / "new/checkpoints/best.pt") == summary["best"]["step"] == 64
+    assert final_weights_equal(tmp_path / "old", tmp_path / "new", 64)
+    assert train(new) == summary  # the same command again: complete, nothing to do
+
+
+def test_resume_path_starts_a_run_dir_once_and_a_relaunch_continues_from_the_run_dirs_own(make_cfg, tmp_path):
+    train(make_cfg("trainer.epochs=3", "trainer.max_steps=16", run_dir=tmp_path / "old"))
+    start = tmp_path / "old/checkpoints/step-00000016.pt"
+    stopped = train(make_cfg("trainer.epochs=3", f"trainer.resume={start}", "trainer.max_steps=40",
+                             run_dir=tmp_path / "new"))
+    assert stopped["resumed_from"] == str(start) and stopped["step"] == 40
+    # A requeue of the same command (here without its max_steps) goes on from step 40 of run.dir, not from PATH.
+    summary = train(make_cfg("trainer.epochs=3", f"trainer.resume={start}", run_dir=tmp_path / "new"))
+    assert summary["resumed_from"] == str(tmp_path / "new/checkpoints/step-00000040.pt") and summary["step"] == 48
+    train(make_cfg("trainer.epochs=3", run_dir=tmp_path / "whole"))
+    assert final_weights_equal(tmp_path / "whole", tmp_path / "new", 48)
+
+
+def test_a_lost_best_pt_is_written_again_by_the_next_validation_or_else_by_the_final_weights(make_cfg, tmp_path,
+                                                                                              caplog):
+    cfg = make_cfg("trainer.epochs=3", "trainer.max_steps=24")
+    train(cfg)
+    (tmp_path / "run/checkpoints/best.pt").unlink()
+    summary = train(make_cfg("trainer.epochs=3"))
+    assert checkpoint_step(tmp_path / "run/checkpoints/best.pt") == summary["best"]["step"] >= 32
+    # Lost after the final checkpoint, before the summary: no validation is left to choose, the final weights serve.
+    (tmp_path / "run/checkpoints/best.pt").write_bytes(b"damaged")
+    (tmp_path / "run/summary.json").unlink()
+    summary = train(make_cfg("trainer.epochs=3"))
+    assert checkpoint_step(tmp_path / "run/checkpoints/best.pt") == summary["best"]["step"] == 48
+    assert "the final weights are best.pt" in caplog.text
