@@ -7,21 +7,28 @@ POINT is where, at checkpoint STEP, the process dies:
   before-step   best.pt written, the step file not yet
   before-prune  the step file written, older step files not yet pruned
   before-summary  the last step file written, summary.json not yet
+
+In process, `crashing(point, step, die)` does the same with another way to die (tests/test_lifecycle.py raises).
 """
 
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from mnist_add import checkpoint, train
 
+POINTS = ("mid-best", "before-step", "before-prune", "before-summary")
 
-def die() -> None:
+
+def sigkill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def patch(point: str, step: int) -> None:
+@contextmanager
+def crashing(point: str, step: int, die=sigkill):
+    """While inside, the job calls `die` at `point` of checkpoint `step`."""
     save_atomic, prune, write_summary = checkpoint.save_atomic, checkpoint.Checkpointer._prune, train.write_summary
     step_file = f"step-{step:08d}.pt"
 
@@ -45,8 +52,12 @@ def patch(point: str, step: int) -> None:
 
     checkpoint.save_atomic, checkpoint.Checkpointer._prune = crashing_save_atomic, crashing_prune
     train.write_summary = crashing_write_summary
+    try:
+        yield
+    finally:
+        checkpoint.save_atomic, checkpoint.Checkpointer._prune, train.write_summary = save_atomic, prune, write_summary
 
 
 if __name__ == "__main__":
-    patch(sys.argv[1], int(sys.argv[2]))
-    sys.exit(train.main(sys.argv[3:]))
+    with crashing(sys.argv[1], int(sys.argv[2])):
+        sys.exit(train.main(sys.argv[3:]))
