@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+from common import synthetic_step
 
 from mnist_add.config import load_config
 from mnist_add.data import Batch
@@ -36,12 +37,12 @@ def measure(cfg, device: torch.device, steps: int) -> tuple[float, float, float]
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(WARMUP_STEPS):
-        learner.step(batch)
+        synthetic_step(learner, batch)
     synchronize(device)
     warmup = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-        learner.step(batch)
+        synthetic_step(learner, batch)
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
     return steps * n / (time.perf_counter() - start), warmup, peak

@@ -1,7 +1,7 @@
 """DDP on one machine: 2 processes x 1 thread against 1 process x 2 threads on the same cores,
 same global batch; prints samples/s of each and the ratio.
 
-    python bench/ddp_scaling.py [--data-root ../shared/data] [--steps 300] [key=value ...]
+    python bench/ddp_scaling.py [--data-root DIR] [--steps 300] [key=value ...]
 """
 
 import os

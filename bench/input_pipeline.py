@@ -1,10 +1,11 @@
 """Input pipeline: samples/s of MNISTAdd's batched tensor path against a seed-style dataset
 (a PIL image per item, ToTensor + Normalize, DataLoader collation), in the same run.
 
-    python bench/input_pipeline.py [--data-root ../shared/data]
+    python bench/input_pipeline.py [--data-root DIR]
 """
 
 import argparse
+import os
 import random
 import time
 
@@ -45,7 +46,7 @@ def samples_per_s(batches, limit: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--data-root", default=os.environ.get("MNIST_ADD_DATA_ROOT", "data"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # both pipelines on one core, as a DataLoader without workers would be
 

@@ -1,7 +1,7 @@
 """Two SLURM nodes against one: the same 2-rank job (1 thread each, same global batch) as 1 rank on each of
 2 nodes and as 2 ranks on 1 node, both through slurm/train.sbatch; prints samples/s of each and the ratio.
 
-    python bench/multinode_scaling.py [--data-root ../shared/data] [--steps 300] [key=value ...]
+    python bench/multinode_scaling.py [--data-root DIR] [--steps 300] [key=value ...]
 
 Needs a cluster of 2 nodes (`MNIST_ADD_SLURM_NODES=2 bash slurm/local/start.sh; . slurm/local/env.sh`). On
 the local cluster both nodes are this machine, so both runs share its cores and talk over loopback: the ratio

@@ -1,7 +1,7 @@
 """CPU threads: training samples/s with torch's own thread count and with trainer.num_threads=1, each on an
 idle machine and with a second, identical job training alongside (a shared machine).
 
-    python bench/threads.py [--data-root ../shared/data] [--steps 300] [key=value ...]
+    python bench/threads.py [--data-root DIR] [--steps 300] [key=value ...]
 
 Each job is its own process (a thread count is set once per process), training the default recipe for
 --steps steps; the figure is the median of its logged windows, the first (start-up) left out.

@@ -2,12 +2,13 @@
 test set is scored after every epoch, trainer.test_every_epoch: a measurement that chooses nothing), and the ratio of
 the default's training time to the fast one's.
 
-    python bench/time_to_accuracy.py [--data-root ../shared/data] [--configs fast,default] [key=value ...]
+    python bench/time_to_accuracy.py [--data-root DIR] [--configs fast,default] [key=value ...]
 
 The configs train one after the other in this one process, so that their ratio compares like with like.
 """
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -41,7 +42,7 @@ def report(config: str, seconds: float, evaluations: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--data-root", default=os.environ.get("MNIST_ADD_DATA_ROOT", "data"))
     parser.add_argument("--configs", default="fast,default", metavar="NAME,NAME",
                         help="configs to train, in order; the ratio is the last one's time over the first one's")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every config")

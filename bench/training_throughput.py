@@ -1,14 +1,14 @@
 """Training: end-to-end samples/s of `train()` against the same model stepping on synthetic tensors
 already in memory (no dataset, no sampler, no augmentation, no logging).
 
-    python bench/training_throughput.py [--data-root ../shared/data] [--steps 300] [key=value ...]
+    python bench/training_throughput.py [--data-root DIR] [--steps 300] [key=value ...]
 """
 
 import tempfile
 import time
 
 import torch
-from common import bench_args, logged_samples_per_s
+from common import bench_args, logged_samples_per_s, synthetic_step
 
 from mnist_add.config import load_config
 from mnist_add.data import Batch
@@ -28,10 +28,10 @@ def synthetic(cfg, steps: int) -> float:
     digits, addends = torch.randint(0, 10, (n,)), torch.randint(0, 10, (n,))
     batch = Batch(torch.randn(n, 1, 28, 28), digits, addends, digits + addends)
     for _ in range(10):
-        learner.step(batch)
+        synthetic_step(learner, batch)
     start = time.perf_counter()
     for _ in range(steps):
-        learner.step(batch)
+        synthetic_step(learner, batch)
     return steps * n / (time.perf_counter() - start)
 
 
