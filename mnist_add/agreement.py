@@ -28,7 +28,7 @@ class Verdict(NamedTuple):
 def fingerprint_share(step: int, indices: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
     """This rank's part of an order-sensitive checksum of the (index, addend) pairs trained on: summed over
     ranks and steps, equal runs on any world size have equal fingerprints."""
-    return (step * (indices.to(addends.device) * 10 + addends)).sum()
+    return (step * (indices * 10 + addends)).sum()
 
 
 class Agreement:
@@ -36,11 +36,12 @@ class Agreement:
         self.fingerprint_share = torch.zeros((), dtype=torch.int64, device=device)  # wraps mod 2^64, a multiple
         self.first_bad_step = torch.full((), NEVER, dtype=torch.int64, device=device)  # of the modulus
 
-    def add(self, step: int, indices: torch.Tensor, addends: torch.Tensor, loss: torch.Tensor) -> None:
-        """Tally step `step` (counted from 1) on the device; reads nothing back."""
+    def add(self, step: int | torch.Tensor, indices: torch.Tensor, addends: torch.Tensor, loss: torch.Tensor) -> None:
+        """Tally step `step` (counted from 1; a device tensor in a captured step) on the device, in place; reads
+        nothing back."""
         self.fingerprint_share += fingerprint_share(step, indices, addends)
-        self.first_bad_step = torch.where(loss.isfinite(), self.first_bad_step,
-                                          self.first_bad_step.clamp(max=step))
+        self.first_bad_step.copy_(torch.where(loss.isfinite(), self.first_bad_step,
+                                              self.first_bad_step.clamp(max=step)))
 
     def agree(self, progress, signals: StopSignals) -> Verdict:
         """One all-reduce (two after a divergence): folds the fingerprint into `progress`, and the verdict."""

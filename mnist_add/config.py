@@ -139,6 +139,7 @@ class TrainerConfig:
     seed: int = ranged(0, ge=0, le=2**32 - 1)
     epochs: int = ranged(10, ge=1, le=1_000_000)  # bounded so that seed * 1_000_003 + epoch fits a 64-bit seed
     batch_size: int = ranged(64, ge=1)  # global: summed over all ranks
+    drop_last: bool = False  # leave each epoch's last, shorter global batch out (as before #33) instead of training it
     eval_batch_size: int = ranged(1000, ge=1)  # test images per evaluation batch; each rank scores whole
     # batches in turn, the same batches on any world size, so the metrics do not depend on it
     precision: Precision = Precision.auto
@@ -150,7 +151,9 @@ class TrainerConfig:
     agree_every_steps: int = ranged(16, ge=1)  # ranks agree on stop signals and divergence this often (and at
     # every log, save and evaluation); the steps between read nothing from the GPU, so it never idles
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
-    compile: bool = False  # torch.compile the model (after the DDP wrap) for training and evaluation
+    compile: bool = False  # torch.compile the model for training and evaluation
+    cuda_graph: str = "auto"  # on CUDA, replay each training step as a CUDA graph (mnist_add/step.py): true, false,
+    # or auto: on where a GPU run has measured it faster (none has yet, so off)
     max_steps: int = ranged(0, ge=0)  # stop after this many steps in total (0: run all epochs); for tests and benches
     test_every_epoch: bool = False  # also score the test set after every epoch, for curves labelled test; never
     # used to choose anything (the test set is always scored at the end, for the final weights and best.pt)
@@ -303,8 +306,18 @@ def validate(cfg: DictConfig) -> None:
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, str) and "\x00" in value:
             raise ConfigError(f"{key} holds a NUL character, which no path or name may hold")
+    if str(cfg.trainer.cuda_graph).lower() not in SWITCH:
+        raise ConfigError(f"trainer.cuda_graph must be one of auto, true, false; got {cfg.trainer.cuda_graph!r}")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"dist.backend must be one of auto, nccl, gloo; got {cfg.dist.backend!r}")
+
+
+SWITCH = {"auto": None, "true": True, "false": False}  # a setting that is on, off, or decided by measurement
+
+
+def switch(value: str) -> bool | None:
+    """True, False, or None for auto, from a SWITCH setting (YAML's true arrives as the string "True")."""
+    return SWITCH[str(value).lower()]
 
 
 def refuse(message: object) -> int:
@@ -368,7 +381,7 @@ def training_config(cfg: DictConfig) -> DictConfig:
 
 # What a config written before a key existed computed with, where that differs from the key's default today.
 BEFORE_KEYS_EXISTED = {"model": {"hidden": 128, "pool_first": False, "activation": Activation.relu},
-                       "data": {"val_samples": 0}}
+                       "data": {"val_samples": 0}, "trainer": {"drop_last": True}}
 
 
 def upgraded(saved: DictConfig | dict) -> DictConfig:

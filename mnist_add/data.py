@@ -80,8 +80,11 @@ class MNISTAdd(MNIST):
             self.source = self.source[:num_samples]
         self.data, self.targets = self.data[self.source], self.targets[self.source]
         self.seed, self.augment = seed, augment if self.varies else None
-        self.epoch, self.warp = 0, True
-        self._per_epoch: tuple[tuple[int, bool] | int, torch.Tensor, torch.Tensor | None] | None = None
+        # This epoch's addend and warp of every sample, refilled in place each epoch: a captured training step
+        # (mnist_add.step) gathers from them at fixed addresses.
+        self.addend_table = torch.empty(len(self.source), dtype=torch.int64)
+        self.warp_table = torch.empty(len(self.source), augment.width) if self.augment else None
+        self.set_epoch(0)
 
     # torchvision names the folders after the class; ours reads MNIST's own files.
     @property
@@ -102,37 +105,33 @@ class MNISTAdd(MNIST):
         """Training addends and augmentation change with the epoch; `warp=False` leaves this epoch's images
         unwarped (its addends stay what they are). The validation and test splits ignore both."""
         self.epoch, self.warp = epoch, warp
+        if not self.varies and epoch:
+            return
+        seed = self.seed * 1_000_003 + epoch if self.varies else VAL_ADDEND_SEED if self.train else TEST_ADDEND_SEED
+        gen = torch.Generator().manual_seed(seed)
+        self.addend_table.copy_(torch.randint(0, NUM_ADDENDS, (self.num_total,), generator=gen)[self.source])
+        if self.augment and warp:
+            self.warp_table.copy_(self.augment.draw(self.num_total, gen)[self.source])
 
     def to(self, device: torch.device) -> "MNISTAdd":
-        self.data, self.targets = self.data.to(device), self.targets.to(device)
-        self._per_epoch = None
+        self.data, self.targets, self.addend_table = (t.to(device) for t in (self.data, self.targets, self.addend_table))
+        self.warp_table = self.warp_table.to(device) if self.warp_table is not None else None
         return self
 
     def addends(self) -> torch.Tensor:
         """[N] int64: the addend of every sample in the current epoch."""
-        return self._epoch_tables()[1]
-
-    def _epoch_tables(self) -> tuple[tuple[int, bool] | int, torch.Tensor, torch.Tensor | None]:
-        key = (self.epoch, self.warp) if self.varies else 0
-        if self._per_epoch is None or self._per_epoch[0] != key:
-            seed = self.seed * 1_000_003 + self.epoch if self.varies else VAL_ADDEND_SEED if self.train \
-                else TEST_ADDEND_SEED
-            gen = torch.Generator().manual_seed(seed)
-            addends = torch.randint(0, NUM_ADDENDS, (self.num_total,), generator=gen)[self.source]
-            warps = self.augment.draw(self.num_total, gen)[self.source] if self.augment and self.warp else None
-            device = self.data.device
-            self._per_epoch = (key, addends.to(device), None if warps is None else warps.to(device))
-        return self._per_epoch
+        return self.addend_table
 
     def batch(self, indices: torch.Tensor) -> Batch:
-        """The samples at `indices` ([B] int64), batched, on the data's device."""
-        _, addends, warps = self._epoch_tables()
-        indices = indices.to(self.data.device)
+        """The samples at `indices` ([B] int64), batched, on the data's device. Reads nothing back to the host and
+        only tensors that keep their addresses, so that a CUDA graph can capture it."""
+        if indices.device != self.data.device:
+            indices = indices.to(self.data.device)
         images = self.data[indices].unsqueeze(1).float()  # 0..255: warping pads with 0, black
-        if warps is not None:
-            images = self.augment.apply(images, warps[indices])
+        if self.augment and self.warp:
+            images = self.augment.apply(images, self.warp_table[indices])
         images = images.mul_(1 / (255 * STD)).sub_(MEAN / STD)  # (x / 255 - MEAN) / STD in two passes
-        digits, addends = self.targets[indices], addends[indices]
+        digits, addends = self.targets[indices], self.addend_table[indices]
         return Batch(images, digits, addends, digits + addends)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
@@ -165,6 +164,7 @@ class Augment:
         self.max_shift = 2 * max_shift_px / IMAGE_SHAPE[0]  # affine_grid works in [-1, 1] coordinates
         self.max_scale_delta = max_scale_delta
         self.max_elastic = 2 * max_elastic_px / IMAGE_SHAPE[0]
+        self.width = 4 + (2 * ELASTIC_GRID ** 2 if max_elastic_px else 0)  # numbers drawn per sample
 
     def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """[n, 4] or, with elastic warps, [n, 4 + 2 * ELASTIC_GRID**2]: rotation (rad), shift x, shift y,
@@ -258,11 +258,13 @@ class GlobalBatchSampler(DistributedSampler):
 
     The global batches depend only on (seed, epoch, global batch size): the same samples in the
     same order on any world size, so a checkpoint's step count is a position valid everywhere.
-    Rank r takes the r-th contiguous slice of each global batch. The last partial batch is
-    dropped so that every step has exactly `global_batch_size` samples.
+    Rank r takes the r-th contiguous slice of each global batch. The epoch's last, shorter batch is
+    trained as it is (every rank takes an equal share of it; the fewer than one per rank left over
+    are left out), or with `drop_last` left out whole.
     """
 
-    def __init__(self, dataset: MNISTAdd, global_batch_size: int, num_replicas: int, rank: int, seed: int):
+    def __init__(self, dataset: MNISTAdd, global_batch_size: int, num_replicas: int, rank: int, seed: int,
+                 drop_last: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         if global_batch_size % num_replicas:
             raise ConfigError(
@@ -273,11 +275,18 @@ class GlobalBatchSampler(DistributedSampler):
             raise ConfigError(f"trainer.batch_size={global_batch_size} exceeds the {len(dataset)} training samples")
         self.global_batch_size = global_batch_size
         self.batch_size_per_rank = global_batch_size // num_replicas
+        left = 0 if drop_last else len(dataset) % global_batch_size
+        self.last_batch_size = left - left % num_replicas  # global; 0: every batch is full
         self.start_step = 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch_size
+        return len(self.dataset) // self.global_batch_size + bool(self.last_batch_size)
+
+    @property
+    def left_out(self) -> int:
+        """Samples of each epoch that no step trains."""
+        return len(self.dataset) % self.global_batch_size - self.last_batch_size
 
     def set_start_step(self, step: int) -> None:
         """Skip the first `step` global batches of the current epoch (resuming mid-epoch)."""
@@ -287,11 +296,10 @@ class GlobalBatchSampler(DistributedSampler):
         """Index tensors on the dataset's device: moved there once an epoch, not once a step."""
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         order = order.to(self.dataset.data.device)
-        first = self.rank * self.batch_size_per_rank
         for step in range(self.start_step, self.steps_per_epoch):
-            global_batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
-            yield global_batch[first:first + self.batch_size_per_rank]
+            start = step * self.global_batch_size
+            share = min(self.global_batch_size, len(order) - start) // self.num_replicas
+            yield order[start + self.rank * share:start + (self.rank + 1) * share]
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
-

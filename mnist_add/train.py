@@ -25,11 +25,12 @@ from mnist_add import checkpoint, distributed
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, flatten, parse_args, to_dict, upgraded
-from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets, to_device
+from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets
 from mnist_add.distributed import Runtime, StopSignals
 from mnist_add.scoring import Evaluation, evaluate, model_from
 from mnist_add.learner import Learner, build_learner, recompute_batchnorm
 from mnist_add.precision import configure_kernels, resolve
+from mnist_add.step import TrainStep, use_cuda_graph
 from mnist_add.rundir import (SUMMARY_NAME, RunDirError, RunDirLock, completed_run, explain_os_error,
                               summary_line, write_config, write_summary)
 from mnist_add.tracking import build_tracker
@@ -39,7 +40,7 @@ log = logging.getLogger("mnist_add")
 # What a resumed run must share with its checkpoint: the data and schedule it continues, and what its weights
 # compute (another activation or last pool loads the same tensors without complaint).
 RESUME_KEYS = ("trainer.seed", "trainer.batch_size", "trainer.epochs", "data.train_samples", "data.val_samples",
-               "optim.swa_epochs", "model.activation", "model.overlap_last_pool")
+               "trainer.drop_last", "optim.swa_epochs", "model.activation", "model.overlap_last_pool")
 
 
 @dataclass
@@ -107,12 +108,14 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     splits = build_datasets(cfg.data, cfg.trainer.seed, runtime.device)
     train_set = splits.train
     sampler = GlobalBatchSampler(train_set, cfg.trainer.batch_size, runtime.world_size, runtime.rank,
-                                 cfg.trainer.seed)
+                                 cfg.trainer.seed, cfg.trainer.drop_last)
     total_steps = cfg.trainer.epochs * sampler.steps_per_epoch
     last_step = min(total_steps, cfg.trainer.max_steps or total_steps)  # where this launch ends
 
-    # Model and what updates it.
+    # Model and what updates it, and how it steps.
     learner = build_learner(cfg, runtime, total_steps)
+    capture, stepping = use_cuda_graph(cfg.trainer.cuda_graph, runtime.device, cfg.trainer.precision,
+                                       cfg.trainer.compile)
     progress = Progress()
 
     # Resume; only then write to run.dir (a refused launch leaves it as it was), and open tracking
@@ -127,9 +130,10 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
     bar = tqdm(total=last_step, initial=progress.step, disable=not (runtime.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
     window, agreement = StepWindow(runtime.device), Agreement(runtime.device)
+    step = TrainStep(learner, train_set, window.sums, agreement, progress.step, capture)
     validation = None  # the latest evaluation on the validation split
     if runtime.is_main:
-        log.info("%s", plan_line(cfg, runtime, progress, last_step, sampler.steps_per_epoch))
+        log.info("%s", plan_line(cfg, runtime, progress, last_step, sampler, stepping))
         if splits.val is None:
             log.info("data.val_samples=0: training on all %d images, nothing held out to choose on; best.pt is the "
                      "final weights", len(train_set))
@@ -151,12 +155,9 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                 sampler.set_start_step(progress.step_in_epoch)
                 for indices in sampler:
                     # One step on this rank's share of the global batch; nothing here waits for the device.
-                    batch = train_set.batch(indices).to(runtime.device)
-                    stats = learner.step(batch, average)
-                    window.add(stats)
+                    step(indices, average)
                     progress.step += 1
                     progress.step_in_epoch += 1
-                    agreement.add(progress.step, to_device(indices, runtime.device), batch.addends, loss=stats[0])
                     bar.update()
                     if not should_agree(progress, cfg, sampler.steps_per_epoch):
                         continue
@@ -166,7 +167,7 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                     if verdict.diverged_at:
                         raise DivergenceError(divergence_message(cfg, verdict.diverged_at, checkpointer))
                     if should_log(progress, cfg):
-                        metrics = window.flush(learner.scheduler.get_last_lr()[0],
+                        metrics = window.flush(float(learner.lr),
                                                progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
                         tracker.log(metrics, progress.step)
                         report_progress(bar, progress.step, last_step, cfg.trainer.batch_size, metrics)
@@ -323,11 +324,8 @@ class StepWindow:
     """Training statistics summed since the last log line, reduced over ranks when read."""
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)  # the training step adds into it
         self.started = time.perf_counter()
-
-    def add(self, stats: torch.Tensor) -> None:
-        self.sums += stats
 
     def flush(self, lr: float, epoch: float) -> dict[str, float]:
         loss, loss_digit, loss_sum, right_digit, right_sum, n = distributed.all_reduce_sum(self.sums).tolist()
@@ -360,14 +358,18 @@ def should_save_mid_epoch(progress: Progress, cfg: DictConfig, steps_per_epoch: 
     return every > 0 and progress.step % every == 0 and progress.step_in_epoch < steps_per_epoch
 
 
-def plan_line(cfg: DictConfig, runtime: Runtime, progress: Progress, last_step: int, steps_per_epoch: int) -> str:
+def plan_line(cfg: DictConfig, runtime: Runtime, progress: Progress, last_step: int, sampler: GlobalBatchSampler,
+              stepping: str) -> str:
     """The run's first line: what it will do, and where."""
     threads = f"{torch.get_num_threads()} CPU thread(s) per rank" + (
         "" if runtime.device.type == "cuda" or cfg.trainer.num_threads else
         " (torch's default: on a shared machine set trainer.num_threads=1)")
-    return (f"training steps {progress.step + 1}-{last_step} ({steps_per_epoch} per epoch, global batch "
-            f"{cfg.trainer.batch_size}): world size {runtime.world_size} on {runtime.device.type}, precision "
-            f"{resolve(cfg.trainer.precision, runtime.device).value}, {threads}")
+    last = f", the last of {sampler.last_batch_size}" if sampler.last_batch_size else ""
+    left_out = f"; {sampler.left_out} images an epoch left out" + (
+        " (trainer.drop_last)" if cfg.trainer.drop_last else " (fewer than one per rank)") if sampler.left_out else ""
+    return (f"training steps {progress.step + 1}-{last_step} ({sampler.steps_per_epoch} per epoch, global batch "
+            f"{cfg.trainer.batch_size}{last}{left_out}): world size {runtime.world_size} on {runtime.device.type}, "
+            f"precision {resolve(cfg.trainer.precision, runtime.device).value}, {stepping}, {threads}")
 
 
 def report_progress(bar: tqdm, step: int, last_step: int, batch_size: int, metrics: dict[str, float]) -> None:

@@ -28,14 +28,14 @@ def weights(run_dir, step):
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_low_precision_trains_in_its_dtype_and_resumes_exactly(make_cfg, tmp_path, monkeypatch, precision, dtype):
     seen = []
-    real_step = Learner.step
+    real_forward_backward = Learner.forward_backward
 
-    def step(self, batch, average):
+    def forward_backward(self, batch):
         with self.autocast():
-            seen.append(self.ddp_model(batch.images, batch.addends)[0].dtype)
-        return real_step(self, batch, average)
+            seen.append(self.compiled(batch.images, batch.addends)[0].dtype)
+        return real_forward_backward(self, batch)
 
-    monkeypatch.setattr(Learner, "step", step)
+    monkeypatch.setattr(Learner, "forward_backward", forward_backward)
     common = (f"trainer.precision={precision}", "trainer.max_steps=12")
     whole = train(make_cfg(*common, run_dir=tmp_path / "whole"))
     train(make_cfg(f"trainer.precision={precision}", "trainer.max_steps=6", run_dir=tmp_path / "cut"))
@@ -60,7 +60,8 @@ def test_a_cpu_dataset_feeds_the_gpu_too(make_cfg, tmp_path):
     assert summary["status"] == "completed"
 
 
-def test_no_step_between_agreements_waits_for_the_gpu(make_cfg, monkeypatch):
+@pytest.mark.parametrize("graph", ["false", "true"])
+def test_no_step_between_agreements_waits_for_the_gpu(make_cfg, monkeypatch, graph):
     from mnist_add import train as train_module
     real_should_agree = train_module.should_agree
 
@@ -71,7 +72,8 @@ def test_no_step_between_agreements_waits_for_the_gpu(make_cfg, monkeypatch):
 
     monkeypatch.setattr(train_module, "should_agree", should_agree)
     try:
-        train(make_cfg("trainer.epochs=2", "trainer.log_every_steps=10", "trainer.agree_every_steps=6"))
+        train(make_cfg("trainer.epochs=2", "trainer.log_every_steps=10", "trainer.agree_every_steps=6",
+                       f"trainer.cuda_graph={graph}"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -113,3 +115,48 @@ def test_sigterm_stops_and_the_relaunch_ends_bitwise_equal(data_root, tmp_path):
         assert run_module("mnist_add.train", *args, f"run.dir={tmp_path / run}").returncode == 0
     cut, whole = weights(tmp_path / "cut", 32), weights(tmp_path / "whole", 32)
     assert all(torch.equal(cut[checkpoint.MODEL][k], whole[checkpoint.MODEL][k]) for k in cut[checkpoint.MODEL])
+
+
+# The captured step (mnist_add/step.py). 512 images in batches of 48: a short batch of 32 ends each epoch, so two
+# graphs per warp; the last epoch averages (SWA) and trains on unwarped images.
+GRAPHED = ("data.train_samples=512", "trainer.batch_size=48", "trainer.epochs=5", "optim.swa_epochs=1",
+           "data.clean_epochs=1", "trainer.save_every_steps=11", "trainer.keep_checkpoints=100")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_captured_and_eager_steps_train_the_same_weights(make_cfg, tmp_path, precision):
+    runs = {graph: train(make_cfg(*GRAPHED, f"trainer.precision={precision}", f"trainer.cuda_graph={graph}",
+                                  run_dir=tmp_path / graph)) for graph in ("false", "true")}
+    assert runs["true"]["fingerprint"] == runs["false"]["fingerprint"]
+    eager, graphed = weights(tmp_path / "false", 55), weights(tmp_path / "true", 55)
+    for key in (checkpoint.MODEL, checkpoint.AVERAGE):  # deterministic kernels: the same arithmetic, replayed
+        for name, tensor in eager[key].items():
+            assert torch.equal(tensor, graphed[key][name]), (key, name)
+    assert runs["true"]["test"] == runs["false"]["test"]
+
+
+def test_a_mid_epoch_resume_with_graphs_is_bitwise(make_cfg, tmp_path):
+    whole = train(make_cfg(*GRAPHED, "trainer.cuda_graph=true", run_dir=tmp_path / "whole"))
+    train(make_cfg(*GRAPHED, "trainer.cuda_graph=true", "trainer.max_steps=27", run_dir=tmp_path / "cut"))
+    resumed = train(make_cfg(*GRAPHED, "trainer.cuda_graph=true", run_dir=tmp_path / "cut"))  # captures again
+    assert resumed["resumed_from"].endswith("step-00000027.pt") and resumed["test"] == whole["test"]
+    cut, uncut = weights(tmp_path / "cut", 55), weights(tmp_path / "whole", 55)
+    assert all(torch.equal(cut[checkpoint.MODEL][k], uncut[checkpoint.MODEL][k]) for k in cut[checkpoint.MODEL])
+
+
+def test_sigterm_with_graphs_saves_and_the_relaunch_ends_bitwise_equal(data_root, tmp_path):
+    args = ["--config", "debug", f"data.root={data_root}", "trainer.deterministic=true", "trainer.epochs=2",
+            "trainer.cuda_graph=true"]
+    job = start_and_wait_for_checkpoint([*args, f"run.dir={tmp_path / 'cut'}"], tmp_path / "cut", step=8)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0 and "stopping on SIGTERM" in output and "CUDA graph" in output, output[-3000:]
+    for run in ("cut", "whole"):
+        assert run_module("mnist_add.train", *args, f"run.dir={tmp_path / run}").returncode == 0
+    cut, whole = weights(tmp_path / "cut", 32), weights(tmp_path / "whole", 32)
+    assert all(torch.equal(cut[checkpoint.MODEL][k], whole[checkpoint.MODEL][k]) for k in cut[checkpoint.MODEL])
+
+
+def test_fp16_steps_eagerly_and_says_so(make_cfg, caplog):
+    train(make_cfg("trainer.precision=fp16", "trainer.cuda_graph=true", "trainer.max_steps=4"))
+    assert "trainer.cuda_graph=true with fp16: its GradScaler steps eagerly" in caplog.text

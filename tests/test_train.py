@@ -16,7 +16,8 @@ from mnist_add.distributed import Runtime
 from mnist_add.scoring import evaluate, load_model
 from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
-from mnist_add.learner import Learner, build_learner
+from mnist_add.learner import build_learner
+from mnist_add.step import TrainStep
 from mnist_add.train import DivergenceError, Progress, check_weights_finite, duration, main, train
 from mnist_add.tracking import read_metrics
 
@@ -201,7 +202,8 @@ def test_fp16_steps_that_the_scaler_skips_are_not_divergence(make_cfg):
     dataset = MNISTAdd(cfg.data.root, train=True, num_samples=64)
     indices = torch.arange(32)
     batch = dataset.batch(indices)
-    stats = learner.step(batch)
+    stats = learner.forward_backward(batch)
+    learner.update()
     assert learner.scaler.get_scale() == 2.0 ** 119  # it skipped, and backed off
     assert all(torch.equal(before[k], v) for k, v in learner.model.named_parameters())
     agreement = Agreement(torch.device("cpu"))
@@ -253,7 +255,7 @@ def test_best_pt_is_the_validation_argmax_and_is_scored_on_test_at_the_end(make_
 
 def test_the_test_set_is_scored_only_after_training_unless_asked_every_epoch(make_cfg, tmp_path, monkeypatch):
     scored = []  # (split, steps trained when scored)
-    real_evaluate, real_step = mnist_add.train.evaluate, Learner.step
+    real_evaluate, real_step = mnist_add.train.evaluate, TrainStep.__call__
 
     def evaluate(model, dataset, *args, **kwargs):
         scored.append(("test" if not dataset.train else "val", steps[0]))
@@ -263,7 +265,7 @@ def test_the_test_set_is_scored_only_after_training_unless_asked_every_epoch(mak
         steps[0] += 1
         return real_step(self, *args, **kwargs)
     monkeypatch.setattr(mnist_add.train, "evaluate", evaluate)
-    monkeypatch.setattr(Learner, "step", step)
+    monkeypatch.setattr(TrainStep, "__call__", step)
     steps = [0]
     train(make_cfg("trainer.epochs=2", run_dir=tmp_path / "a"))
     assert [split for split, at in scored if at < 32] == ["val"]  # epoch 1: validation only
@@ -300,7 +302,7 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path
     eager = train(make_cfg("trainer.max_steps=12", run_dir=tmp_path / "eager"))
     train(make_cfg("trainer.compile=true", "trainer.max_steps=6", run_dir=tmp_path / "compiled"))
     resumed = train(make_cfg("trainer.compile=true", "trainer.max_steps=12", run_dir=tmp_path / "compiled"))
-    assert len(compiled) == 4  # the training and the evaluation model, in both segments
+    assert len(compiled) == 2  # one model trains and evaluates, in both segments
     assert resumed["resumed_from"].endswith("step-00000006.pt")
     assert resumed["test"] == pytest.approx(eager["test"], abs=1e-6)
     saved = checkpoint.load(tmp_path / "compiled/checkpoints/step-00000012.pt")[checkpoint.MODEL]
@@ -314,7 +316,7 @@ def test_the_log_opens_with_the_plan_and_each_line_counts_steps_and_time_left(ma
     train(make_cfg("trainer.max_steps=12"))
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == ("training steps 1-12 (16 per epoch, global batch 32): world size 1 on cpu, precision fp32, "
-                        "1 CPU thread(s) per rank")  # num_threads set: no hint about it
+                        "eager step, 1 CPU thread(s) per rank")  # num_threads set: no hint about it
     progress = [line for line in lines if line.startswith("step ") and "loss" in line]
     assert [line.split(" epoch")[0] for line in progress] == ["step 4/12", "step 8/12", "step 12/12"]
     assert progress[-1].split(", ")[1].startswith("0s left: loss")
