@@ -204,11 +204,7 @@ class RunDirLife(RuleBasedStateMachine):
         if self.run_dir.exists():
             shutil.copytree(self.run_dir, copy)
         command = {**self.command, "max_steps": 0}
-        try:
-            summary = train(config(copy, **command))
-        except (CheckpointError, RunDirError) as err:
-            assert one_line_with_file_and_fix(err, copy, Path(command["resume"])), err
-            summary = self.apply_the_fix(copy, err)
+        summary = self.finish_by_the_fixes(copy, command)
         assert summary["status"] == "completed", summary
         final = copy / f"checkpoints/step-{TOTAL:08d}.pt"
         destroyed = str(self.run_dir / final.relative_to(copy)) in self.damaged and \
@@ -217,17 +213,21 @@ class RunDirLife(RuleBasedStateMachine):
             weights = final_weights(copy)
             assert all(torch.equal(weights[k], self.expected_weights[k]) for k in weights), "final weights differ"
 
-    def apply_the_fix(self, copy: Path, err: Exception) -> dict:
-        """What the refusal's message says to do, then the command again."""
-        text = str(err)
-        if "trainer.resume=never" in text:  # "... or trainer.resume=auto to continue it"
-            return train(config(copy, resume="auto"))
-        if text.startswith("no usable checkpoint"):  # "delete it": each unusable step file
-            for path in Checkpointer(copy / "checkpoints", KEEP, write=False).step_paths():
-                path.unlink()
-            return train(config(copy, **{**self.command, "max_steps": 0}))
-        assert "delete it" in text, text  # resume=PATH of a damaged file, into a run.dir with no checkpoint
-        return train(config(copy, resume="auto"))
+    def finish_by_the_fixes(self, copy: Path, command: dict) -> dict:
+        """The command; while it refuses, what its one line says to do, then the command that fix names."""
+        for _ in range(3):  # resume=never, then a damaged PATH, then damaged step files: each says its fix
+            try:
+                return train(config(copy, **command))
+            except (CheckpointError, RunDirError) as err:
+                assert one_line_with_file_and_fix(err, copy, Path(command["resume"])), err
+                text = str(err)
+            if text.startswith("no usable checkpoint"):  # "delete it": each unusable step file
+                for path in Checkpointer(copy / "checkpoints", KEEP, write=False).step_paths():
+                    path.unlink()
+            else:  # trainer.resume=never ("... or trainer.resume=auto to continue it"), or a damaged PATH
+                assert "trainer.resume=auto" in text or "delete it" in text, text
+                command = {**command, "resume": "auto"}
+        raise AssertionError(f"still refused after three fixes: {text}")
 
     def newest_good_step(self) -> int:
         for path in Checkpointer(self.run_dir / "checkpoints", KEEP, write=False).step_paths():
@@ -244,3 +244,25 @@ def test_no_sequence_of_launches_stops_and_damage_wedges_a_run(reference):
         max_examples=EXAMPLES, stateful_step_count=6, derandomize="MNIST_ADD_FUZZ_EXAMPLES" not in os.environ,
         deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     RunDirLife.TestCase("runTest").runTest()
+
+
+def replay(reference, *rules):
+    """A sequence of rules as hypothesis ran it, every invariant checked after each: the failures found, kept."""
+    RunDirLife.reference = reference
+    machine = RunDirLife()
+    machine.start()
+    try:
+        for name, kwargs in rules:
+            getattr(machine, name)(**kwargs)
+            machine.the_run_directory_is_valid()
+            machine.the_same_command_finishes_or_says_the_fix()
+    finally:
+        machine.teardown()
+
+
+def test_a_fix_that_meets_a_second_refusal_leads_on_to_its_fix(reference):
+    # The long run on 1be74c9: resume=never refused ("... or trainer.resume=auto"), and auto then refused the only
+    # step file, truncated ("delete it"): two fixes, one after the other, and the run finishes.
+    replay(reference, ("launch", dict(resume="auto", data=None, stop="signal", step=1, point="mid-best")),
+           ("damage", dict(what="metrics", how="truncate")), ("damage", dict(what="newest", how="truncate")),
+           ("launch", dict(resume="never", data=None, stop="none", step=1, point="mid-best")))
