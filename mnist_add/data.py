@@ -66,9 +66,12 @@ class MNISTAdd(MNIST):
                  num_samples: int = 0, augment: "Augment | None" = None, holdout: int = 0,
                  validation: bool = False):
         root = os.path.expanduser(root)
+        folders = (os.path.join(root, "MNIST", "raw"), os.path.join(root, "MNIST"), root)
+        made = [folder for folder in folders if not os.path.exists(folder)]
         try:
             super().__init__(root, train=train, download=download)
         except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+            _remove_empty(made)  # a failed download leaves no empty data/MNIST/raw/ behind
             raise DatasetError(_explain_load_failure(self.raw_folder, download, err)) from err
         self._check_loaded(root)
         self.num_total = len(self.targets)
@@ -114,7 +117,8 @@ class MNISTAdd(MNIST):
             self.warp_table.copy_(self.augment.draw(self.num_total, gen)[self.source])
 
     def to(self, device: torch.device) -> "MNISTAdd":
-        self.data, self.targets, self.addend_table = (t.to(device) for t in (self.data, self.targets, self.addend_table))
+        self.data, self.targets = self.data.to(device), self.targets.to(device)
+        self.addend_table = self.addend_table.to(device)
         self.warp_table = self.warp_table.to(device) if self.warp_table is not None else None
         return self
 
@@ -198,9 +202,18 @@ def _explain_load_failure(raw: str, download: bool, err: Exception) -> str:
     tried = f"downloading {_download_failure_cause(err)}" if download else "data.download=false"
     return (
         f"MNIST not found in {raw} ({tried}). Fix it either way: run once with data.download=true on a "
-        f"machine with internet (files land in {raw}), or set data.root=DIR to a folder that holds "
-        f"MNIST/raw/ with the four idx files."
+        f"machine with internet (files land in {raw}), or point MNIST_ADD_DATA_ROOT (or data.root=) at a "
+        f"folder that holds MNIST/raw/ with the four idx files."
     )
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """The folders given, deepest first, each only while it is empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty, or never made
+            return
 
 
 def _download_failure_cause(err: Exception) -> str:

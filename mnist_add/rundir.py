@@ -183,11 +183,13 @@ def write_config(cfg: DictConfig) -> None:
 
 
 def summary_line(summary: dict) -> str:
-    """A completed run's scores in one line (a summary from before best.pt was scored holds the test's alone)."""
+    """A completed run's test scores in one line, in percent, each named by the weights it scores (a summary from
+    before best.pt was scored holds the final weights' alone)."""
     test = summary["test"]
-    line = f"test digit {test['acc_digit']:.4f} sum {test['acc_sum']:.4f} both {test['acc_both']:.4f}"
+    line = (f"final weights: test sum {test['acc_sum']:.2%} (digit {test['acc_digit']:.2%}, both "
+            f"{test['acc_both']:.2%})")
     if best := summary.get("best"):
-        line += f"; best.pt (step {best['step']}) test sum {best['test']['acc_sum']:.4f}"
+        line += f"; best.pt (step {best['step']}): test sum {best['test']['acc_sum']:.2%}"
     return line
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -170,11 +171,15 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                         metrics = window.flush(float(learner.lr),
                                                progress.epoch + progress.step_in_epoch / sampler.steps_per_epoch)
                         tracker.log(metrics, progress.step)
-                        report_progress(bar, progress.step, last_step, cfg.trainer.batch_size, metrics)
+                        # Each epoch's end, and the final scoring: the test set, twice the validation's images.
+                        evaluations_left = cfg.trainer.epochs - progress.epoch + 2
+                        report_progress(bar, progress.step, last_step, cfg.trainer.batch_size, metrics,
+                                        evaluations_left * window.last_pause_s)
                     if verdict.stop_reasons:
                         return stop(runtime, verdict.stop_reasons, save(), tracker, progress)
                     if should_save_mid_epoch(progress, cfg, sampler.steps_per_epoch):
-                        save()
+                        with window.paused():
+                            save()
                     if finished(progress, cfg):
                         break
 
@@ -182,13 +187,14 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                 if progress.step_in_epoch == sampler.steps_per_epoch:
                     progress.epoch += 1
                     progress.step_in_epoch = 0
-                check_weights_finite(cfg, learner.model, progress, checkpointer)
-                validation = evaluate_and_log(cfg, runtime, learner, splits, tracker, progress)
-                acc_sum = None if validation is None else validation.metrics("")["acc_sum"]
-                best = acc_sum is None or acc_sum > progress.best_acc_sum  # nothing held out: the newest is best
-                if acc_sum is not None:
-                    progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
-                save(best=best)
+                with window.paused():
+                    check_weights_finite(cfg, learner.model, progress, checkpointer)
+                    validation = evaluate_and_log(cfg, runtime, learner, splits, tracker, progress)
+                    acc_sum = None if validation is None else validation.metrics("")["acc_sum"]
+                    best = acc_sum is None or acc_sum > progress.best_acc_sum  # nothing held out: the newest is best
+                    if acc_sum is not None:
+                        progress.best_acc_sum = max(progress.best_acc_sum, acc_sum)
+                    save(best=best)
         except BaseException:
             tracker.finish(exit_code=1)
             raise
@@ -205,8 +211,8 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
                "world_size": runtime.world_size, "fingerprint": progress.fingerprint,
                "resumed_from": str(resumed.path) if resumed.path else None,
                "segment_wall_time_s": round(time.perf_counter() - started, 2), **scores}
+    bar.close()  # the last line on its own, not glued to the bar
     finish_run(runtime, run_dir, summary, tracker)
-    bar.close()
     return summary
 
 
@@ -321,11 +327,21 @@ def check_weights_finite(cfg: DictConfig, model: torch.nn.Module, progress: Prog
 
 
 class StepWindow:
-    """Training statistics summed since the last log line, reduced over ranks when read."""
+    """Training statistics summed since the last log line, reduced over ranks when read; its rate counts the time
+    spent training, not evaluating or saving."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)  # the training step adds into it
         self.started = time.perf_counter()
+        self.last_pause_s = 0.0  # how long the last evaluation (with its save) took
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside is left out of the training rate (and measured on its own)."""
+        started = time.perf_counter()
+        yield
+        self.last_pause_s = time.perf_counter() - started
+        self.started += self.last_pause_s
 
     def flush(self, lr: float, epoch: float) -> dict[str, float]:
         loss, loss_digit, loss_sum, right_digit, right_sum, n = distributed.all_reduce_sum(self.sums).tolist()
@@ -362,8 +378,8 @@ def plan_line(cfg: DictConfig, runtime: Runtime, progress: Progress, last_step: 
               stepping: str) -> str:
     """The run's first line: what it will do, and where."""
     threads = f"{torch.get_num_threads()} CPU thread(s) per rank" + (
-        "" if runtime.device.type == "cuda" or cfg.trainer.num_threads else
-        " (torch's default: on a shared machine set trainer.num_threads=1)")
+        " (torch's default: on a shared machine set trainer.num_threads=1)"
+        if runtime.device.type == "cpu" and not cfg.trainer.num_threads and torch.get_num_threads() > 1 else "")
     last = f", the last of {sampler.last_batch_size}" if sampler.last_batch_size else ""
     left_out = f"; {sampler.left_out} images an epoch left out" + (
         " (trainer.drop_last)" if cfg.trainer.drop_last else " (fewer than one per rank)") if sampler.left_out else ""
@@ -372,13 +388,14 @@ def plan_line(cfg: DictConfig, runtime: Runtime, progress: Progress, last_step: 
             f"precision {resolve(cfg.trainer.precision, runtime.device).value}, {stepping}, {threads}")
 
 
-def report_progress(bar: tqdm, step: int, last_step: int, batch_size: int, metrics: dict[str, float]) -> None:
+def report_progress(bar: tqdm, step: int, last_step: int, batch_size: int, metrics: dict[str, float],
+                    evaluations_s: float) -> None:
     """On a terminal the bar shows it (with its own count and time left); in a log file, a line per log step
-    with the time left at the recent rate."""
+    with the time left: the steps left at the recent training rate, and `evaluations_s` for the evaluations left."""
     line = f"loss {metrics['train/loss']:.4f} digit {metrics['train/acc_digit']:.4f} " \
            f"sum {metrics['train/acc_sum']:.4f} {metrics['samples_per_s']:.0f} samples/s"
     if bar.disable:
-        left = (last_step - step) * batch_size / metrics["samples_per_s"]
+        left = (last_step - step) * batch_size / metrics["samples_per_s"] + evaluations_s
         log.info("step %d/%d epoch %.2f, %s left: %s", step, last_step, metrics["epoch"], duration(left), line)
     else:
         bar.set_postfix_str(line)

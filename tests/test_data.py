@@ -140,16 +140,18 @@ def download_error(monkeypatch, root, mirrors: list[str]) -> str:
 
 def assert_names_both_fixes_on_one_line(message: str, root) -> None:
     assert message.startswith(f"MNIST not found in {root / 'MNIST' / 'raw'} (downloading ")
-    assert "data.download=true" in message and "data.root=DIR" in message and "\n" not in message
+    assert "data.download=true" in message and "\n" not in message
+    assert "point MNIST_ADD_DATA_ROOT (or data.root=) at a folder that holds MNIST/raw/" in message
 
 
 def test_failed_download_names_each_mirrors_reason_and_both_fixes(tmp_path, monkeypatch, closed_port, local_mirror):
-    refusing, missing = f"http://127.0.0.1:{closed_port}/", local_mirror(404)
-    message = download_error(monkeypatch, tmp_path, [refusing, missing])
+    refusing, missing, root = f"http://127.0.0.1:{closed_port}/", local_mirror(404), tmp_path / "data"
+    message = download_error(monkeypatch, root, [refusing, missing])
+    assert not root.exists()  # no empty data/MNIST/raw/ left behind
     assert (f"downloading train-images-idx3-ubyte.gz failed: {refusing} gave [Errno {errno.ECONNREFUSED}] "
             f"Connection refused; "
             f"{missing} gave HTTP Error 404: Not Found)") in message
-    assert_names_both_fixes_on_one_line(message, tmp_path)
+    assert_names_both_fixes_on_one_line(message, root)
 
 
 def test_failed_download_names_a_proxy_refusal(tmp_path, monkeypatch, local_mirror):
@@ -190,11 +192,27 @@ def test_global_batches_do_not_depend_on_the_world_size(train_set, world_size):
 def test_sampler_resumes_at_a_step_and_changes_with_the_epoch(train_set):
     sampler = GlobalBatchSampler(train_set, 100, 1, 0, seed=0)
     full = list(sampler)
-    assert len(full) == 600 and len(torch.cat(full).unique()) == 60000
+    assert len(full) == 600 and len(torch.cat(full).unique()) == len(train_set) == 60000
     sampler.set_start_step(598)
     assert len(sampler) == 2 and torch.equal(torch.cat(list(sampler)), torch.cat(full[598:]))
     sampler.set_epoch(1)
     assert not torch.equal(next(iter(sampler)), full[598])
+
+
+@pytest.mark.parametrize("world_size, left_out", [(1, 0), (2, 0), (3, 2)])
+def test_the_short_last_batch_is_trained_in_equal_shares_and_only_what_no_rank_can_share_is_left_out(
+        train_set, world_size, left_out):
+    subset = MNISTAdd(train_set.root, train=True, num_samples=512)  # 10 batches of 48 and 32 images over
+    ranks = [GlobalBatchSampler(subset, 48, world_size, r, seed=5) for r in range(world_size)]
+    assert ranks[0].steps_per_epoch == 11 and ranks[0].left_out == left_out
+    steps = [torch.cat(shares) for shares in zip(*ranks)]
+    assert [len(s) for s in steps] == [48] * 10 + [32 - left_out]
+    assert len(set(len(share) for share in list(zip(*ranks))[-1])) == 1  # equal shares of the short batch
+    assert len(torch.cat(steps).unique()) == 512 - left_out
+    whole = GlobalBatchSampler(subset, 48, 1, 0, seed=5)
+    assert torch.equal(torch.cat(steps), torch.cat(list(whole))[:512 - left_out])  # the same sequence
+    dropped = GlobalBatchSampler(subset, 48, world_size, 0, seed=5, drop_last=True)
+    assert dropped.steps_per_epoch == 10 and dropped.left_out == 32
 
 
 def test_global_batch_must_divide_over_ranks(train_set):

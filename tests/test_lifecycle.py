@@ -171,8 +171,8 @@ class RunDirLife(RuleBasedStateMachine):
             self.damaged[str(path)] = None
             return
         middle = len(content) // 2
-        path.write_bytes(content[:middle] if how == "truncate" else
-                         content[:middle] + bytes(b ^ 0xFF for b in content[middle:middle + 64]) + content[middle + 64:])
+        flipped = bytes(b ^ 0xFF for b in content[middle:middle + 64])
+        path.write_bytes(content[:middle] if how == "truncate" else content[:middle] + flipped + content[middle + 64:])
         self.damaged[str(path)] = digest(path)
 
     # --- invariants -------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ class TodaysStep:
         self.model, self.criterion, self.average = model, Criterion(cfg.loss, cfg.model.sum_head), None
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         one_cycle_steps = total_steps * (cfg.trainer.epochs - cfg.optim.swa_epochs) // cfg.trainer.epochs
-        one_cycle = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.optim.lr, total_steps=one_cycle_steps,
-                                                        pct_start=cfg.optim.warmup_fraction)
+        one_cycle = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.optim.lr,
+                                                        total_steps=one_cycle_steps, pct_start=cfg.optim.warmup_fraction)
         self.scheduler = torch.optim.lr_scheduler.SequentialLR(
             self.optimizer, [one_cycle, SWALR(self.optimizer, swa_lr=cfg.optim.swa_lr, anneal_epochs=0)],
             [one_cycle_steps])

@@ -18,7 +18,7 @@ from mnist_add.rundir import RunDirError
 from mnist_add.agreement import Agreement
 from mnist_add.learner import build_learner
 from mnist_add.step import TrainStep
-from mnist_add.train import DivergenceError, Progress, check_weights_finite, duration, main, train
+from mnist_add.train import DivergenceError, Progress, StepWindow, check_weights_finite, duration, main, train
 from mnist_add.tracking import read_metrics
 
 EXACT = ("trainer.epochs=2", "trainer.save_every_steps=4", "trainer.keep_checkpoints=100")
@@ -124,7 +124,11 @@ def test_cli_trains_the_debug_config(data_root, tmp_path):
     result = run_module("mnist_add.train", "--config", "debug", f"data.root={data_root}", f"run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
-    assert "done: test digit" in result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # In percent, named by the weights it scores, on a line of its own.
+    assert (f"INFO done: final weights: test sum {summary['test']['acc_sum']:.2%} (digit "
+            f"{summary['test']['acc_digit']:.2%}, both {summary['test']['acc_both']:.2%}); best.pt (step 16): test sum "
+            f"{summary['best']['test']['acc_sum']:.2%} -> {tmp_path / 'summary.json'}\n") in result.stderr
 
 
 def test_cli_reports_a_config_typo_in_one_line(tmp_path):
@@ -373,3 +377,27 @@ def test_a_lost_best_pt_is_written_again_by_the_next_validation_or_else_by_the_f
     summary = train(make_cfg("trainer.epochs=3"))
     assert checkpoint_step(tmp_path / "run/checkpoints/best.pt") == summary["best"]["step"] == 48
     assert "the final weights are best.pt" in caplog.text
+
+
+def test_the_training_rate_and_the_time_left_leave_evaluations_out(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(mnist_add.train.time, "perf_counter", lambda: clock[0])
+    window = StepWindow(torch.device("cpu"))
+    window.sums += torch.tensor([0, 0, 0, 0, 0, 640], dtype=torch.float64)
+    clock[0] += 10  # 640 samples trained in 10 s, and an evaluation of 30 s in between
+    with window.paused():
+        clock[0] += 30
+    assert window.flush(lr=0.1, epoch=1.0)["samples_per_s"] == 64 and window.last_pause_s == 30
+
+
+def test_a_thread_hint_only_where_torch_takes_several_threads(make_cfg, caplog, monkeypatch, tmp_path):
+    caplog.set_level(logging.INFO, logger="mnist_add")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for threads, hinted in ((1, False), (2, True)):  # 1: as under torchrun, which sets OMP_NUM_THREADS=1
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        caplog.clear()
+        train(make_cfg("trainer.num_threads=0", "trainer.max_steps=1", "data.train_samples=100",
+                       "trainer.batch_size=48", run_dir=tmp_path / str(threads)))
+        plan = caplog.records[0].getMessage()
+        assert ("on a shared machine set trainer.num_threads=1" in plan) == hinted
+        assert "(3 per epoch, global batch 48, the last of 4)" in plan
