@@ -11,7 +11,9 @@ Only `CudaGraphs` needs CUDA: capture and replay, a few dozen lines that know no
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -124,7 +126,6 @@ class CudaGraphs:
     def __init__(self, static_state: Callable[[], list[torch.Tensor]]):
         self.static_state = static_state
         self.captured: dict[tuple, tuple[Part, Part]] = {}
-        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all: their intermediates never coexist
 
     def run(self, key: tuple, parts: tuple[Part, Part], between: Part) -> None:
         if key not in self.captured:
@@ -132,17 +133,33 @@ class CudaGraphs:
         run(self.captured[key], between)
 
     def capture(self, parts: tuple[Part, Part], between: Part) -> tuple[Part, Part]:
-        before = {id(t): t.clone() for t in self.static_state()}
+        before = {id(t): t.detach().clone() for t in self.static_state()}
+        with self.side_stream():
+            for _ in range(self.WARMUP):
+                run(parts, between)
+        replays = tuple(self.record(part) for part in parts)
+        with torch.no_grad():  # parameters among them
+            for tensor in self.static_state():
+                tensor.copy_(before[id(tensor)]) if id(tensor) in before else tensor.zero_()
+        return replays
+
+    @contextmanager
+    def side_stream(self):
+        """Work inside runs on a stream of its own, which the current stream then waits for."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                run(parts, between)
+            yield
         torch.cuda.current_stream().wait_stream(side)
-        graphs = [torch.cuda.CUDAGraph() for _ in parts]
-        for graph, part in zip(graphs, parts):
-            with torch.cuda.graph(graph, pool=self.pool):
-                part()
-        for tensor in self.static_state():
-            tensor.copy_(before[id(tensor)]) if id(tensor) in before else tensor.zero_()
-        return graphs[0].replay, graphs[1].replay
+
+    def record(self, part: Part) -> Part:
+        """`part` captured as a graph (its kernels recorded, not run); returns what replays it. One memory pool for
+        every graph: their intermediates never live at the same time."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            part()
+        return graph.replay
+
+    @functools.cached_property
+    def pool(self):
+        return torch.cuda.graph_pool_handle()

@@ -2,6 +2,7 @@
 computed; it reads nothing back to the host; every tensor it reads keeps its address; and it is the switch
 trainer.cuda_graph says. The capture itself runs on a GPU only (tests/test_cuda.py)."""
 
+import contextlib
 import copy
 import itertools
 import subprocess
@@ -19,7 +20,7 @@ from mnist_add.data import GlobalBatchSampler, build_datasets
 from mnist_add.distributed import Runtime
 from mnist_add.learner import build_learner
 from mnist_add.model import Criterion
-from mnist_add.step import TrainStep, use_cuda_graph
+from mnist_add.step import CudaGraphs, TrainStep, use_cuda_graph
 
 CPU = torch.device("cpu")
 # 512 images in batches of 48: ten full steps and a short one of 32 an epoch; one-cycle over four epochs, the fifth
@@ -204,3 +205,27 @@ def test_two_gloo_ranks_through_the_body_agree_with_the_ddp_step_it_replaced(dat
                             text=True, cwd=REPO, env=subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 ranks, 22 steps (a short one each epoch): gradients bitwise equal to DDP's" in result.stdout
+
+
+class GraphsOnTheCpu(CudaGraphs):
+    """CudaGraphs with the CUDA calls taken out: no side stream, and a part 'recorded' is the part itself. What is
+    left is theirs: the warm-up, undoing it, the keys, and the all-reduce between the parts."""
+
+    side_stream = staticmethod(contextlib.nullcontext)
+
+    def record(self, part):
+        return part
+
+
+def test_a_run_through_captured_graphs_computes_what_the_eager_one_does(make_cfg):
+    weights = []
+    for capture in (False, True):
+        _, learner, step, window, agreement, batches = training_run(make_cfg)
+        if capture:
+            step.graphs = GraphsOnTheCpu(step.static_state)
+        for indices, average in batches:
+            step(indices, average)
+        weights.append([*learner.model.state_dict().values(), *learner.average.state_dict().values(), window,
+                        agreement.fingerprint_share, *(t for s in learner.optimizer.state.values() for t in s.values())])
+    assert set(step.graphs.captured) == {(48, True), (32, True), (48, False), (32, False)}
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
