@@ -11,6 +11,7 @@ import mnist_add.train
 from conftest import run_module
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer, CheckpointError
+from mnist_add.config import load_config
 from mnist_add.data import MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.scoring import evaluate, load_model
@@ -401,3 +402,26 @@ def test_a_thread_hint_only_where_torch_takes_several_threads(make_cfg, caplog, 
         plan = caplog.records[0].getMessage()
         assert ("on a shared machine set trainer.num_threads=1" in plan) == hinted
         assert "(3 per epoch, global batch 48, the last of 4)" in plan
+
+
+def speedrun(data_root, run_dir, *overrides):
+    """The speed recipe on a small subset: 64 steps of 32."""
+    return load_config(["speedrun"], [f"data.root={data_root}", f"run.dir={run_dir}", "data.train_samples=2048",
+                                      "data.val_samples=500", "data.test_samples=1000", "trainer.deterministic=true",
+                                      "trainer.num_threads=1", "trainer.save_every_steps=16", "trainer.log_every_steps=8",
+                                      *overrides])
+
+
+def test_the_speed_recipe_learns_on_a_small_subset(data_root, tmp_path):
+    summary = train(speedrun(data_root, tmp_path))
+    losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert summary["step"] == 64 and losses[-1] < losses[0] / 2
+    assert summary["test"]["acc_sum"] > 0.8 and summary["val"]["acc_sum"] > 0.8  # chance: 0.1
+
+
+def test_the_speed_recipe_resumes_bitwise(data_root, tmp_path):
+    train(speedrun(data_root, tmp_path / "whole"))
+    train(speedrun(data_root, tmp_path / "cut", "trainer.max_steps=40"))
+    resumed = train(speedrun(data_root, tmp_path / "cut"))
+    assert resumed["resumed_from"].endswith("step-00000040.pt")
+    assert final_weights_equal(tmp_path / "whole", tmp_path / "cut", 64)
