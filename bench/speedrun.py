@@ -29,7 +29,8 @@ from mnist_add.tracking import read_metrics
 
 @contextmanager
 def phases():
-    """Times of train()'s phases: building the data, and the end of the first step (device work included)."""
+    """Times of train()'s phases: building the data, and the end of the first step (device work included); and the
+    samples trained (on one process)."""
     marks = {}
     build, step = mnist_add.train.build_datasets, TrainStep.__call__
 
@@ -39,10 +40,11 @@ def phases():
         marks["data_s"] = time.perf_counter() - started
         return splits
 
-    def timed_step(self, *args, **kwargs):
+    def timed_step(self, indices, *args, **kwargs):
         if "first_step_start" not in marks:
             marks["first_step_start"] = time.perf_counter()
-        step(self, *args, **kwargs)
+        marks["samples"] = marks.get("samples", 0) + len(indices)
+        step(self, indices, *args, **kwargs)
         if "first_step_end" not in marks:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -63,7 +65,7 @@ def run(config: str, data_root: str, overrides: list[str]) -> dict:
         summary = mnist_add.train.train(cfg)
         ended = time.perf_counter()
         evaluations = [r for r in read_metrics(run_dir) if "test/acc_sum" in r and "epoch" in r]
-    return {"summary": summary, "samples": summary["step"] * cfg.trainer.batch_size, "evaluations": evaluations,
+    return {"summary": summary, "samples": marks["samples"], "evaluations": evaluations,
             "start_up_s": marks["first_step_start"] - started, "data_s": marks["data_s"],
             "first_step_s": marks["first_step_end"] - marks["first_step_start"],
             "training_s": ended - marks["first_step_start"]}
@@ -85,8 +87,7 @@ def main() -> None:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import mnist_add.train"], check=True)
     print(f"process start (python and the imports of mnist_add.train): {time.perf_counter() - started:.2f} s; "
-          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
-          f"{torch.get_num_threads()} CPU thread(s)", flush=True)
+          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
 
     runs = []
     for seed in range(args.seeds):
@@ -101,7 +102,8 @@ def main() -> None:
     test, val = ([r["summary"][split]["acc_sum"] for r in runs] for split in ("test", "val"))
     training = statistics.mean(r["training_s"] for r in runs)
     print(f"{args.config} over {len(runs)} seeds: test sum {mean_std_min(test)}; validation sum "
-          f"{mean_std_min(val)}; first step to final score {training:.2f} s on average", flush=True)
+          f"{mean_std_min(val)}; first step to final score {training:.2f} s on average, "
+          f"{torch.get_num_threads()} CPU thread(s)", flush=True)
 
     default = run("default", args.data_root, [f"trainer.max_steps={args.default_epochs * steps_per_epoch(args)}",
                                               "trainer.test_every_epoch=true", *args.overrides])
