@@ -28,10 +28,11 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, SumHead, cli_parser, load_config, refuse
-from mnist_add.data import NUM_SUMS, DatasetError, MNISTAdd
+from mnist_add.data import DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime
 from mnist_add.scoring import evaluate, load_model
 from mnist_add.model import NUM_DIGITS, Criterion
+from mnist_add.task import NUM_SUMS
 from mnist_add.tracking import METRICS_NAME, read_metrics
 
 TASKS = ("digit", "sum")
