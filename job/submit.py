@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from job import sweep
+from job.cluster import SweepIndexError
 from mnist_add.config import (Config, ConfigError, build_parser, load_config, ranged, refuse, training_config,
                               upgraded)
 from mnist_add.rundir import SUMMARY_NAME, RunDirError, summary_line
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg, sweep_plan = read_command_line(argv)
         check_slurm(cfg.job.cluster)  # after the command line's own mistakes, which say more
-    except (ConfigError, RunDirError) as err:
+    except (ConfigError, RunDirError, SweepIndexError) as err:
         return refuse(err)
     if sweep_plan is not None:
         return submit_sweep(sweep_plan, cfg.job, args.wait)

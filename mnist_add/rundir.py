@@ -22,7 +22,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_add.config import flatten, to_dict, upgraded
+from mnist_add.config import ConfigError, flatten, read_yaml, to_dict, upgraded
+from mnist_add.files import UnreadableFile, present, read_json
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +124,39 @@ def completed_run(cfg: DictConfig) -> dict | None:
     if cfg.trainer.resume == "never" and has_results(run_dir):
         raise RunDirError(f"trainer.resume=never but {run_dir} already holds a run; use a new run.dir, "
                           f"or trainer.resume=auto to continue it")
-    summary_path, config_path = run_dir / SUMMARY_NAME, run_dir / CONFIG_NAME
-    if not summary_path.is_file():
-        return None
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "completed":
+    config_path = run_dir / CONFIG_NAME
+    if (summary := completed_summary(run_dir / SUMMARY_NAME)) is None:
         return None
     try:
-        saved = flatten(to_dict(upgraded(OmegaConf.load(config_path)))) if config_path.is_file() else {}
+        saved = flatten(to_dict(upgraded(read_yaml(config_path)))) if present(config_path) else {}
     except OmegaConfBaseException:  # written with a key this version no longer has: another run
+        return None
+    except ConfigError as err:  # damaged: the checkpoints say what the run is, and config.yaml is written again
+        log.warning("%s; resuming from the checkpoints as for an unfinished run", err)
         return None
     ours = flatten(to_dict(cfg))
     same = all(saved.get(key) == ours.get(key) for key in set(saved) | set(ours)
                if not key.startswith(OPERATIONAL_KEYS))
     return summary if same else None
+
+
+def completed_summary(path: Path) -> dict | None:
+    """The summary at `path` when it says its run completed, else None. A damaged one is said in a warning and taken
+    as unfinished: the run then resumes from its last checkpoint, and completing writes the summary again."""
+    if not present(path):
+        return None
+    try:
+        summary = read_json(path)
+        if not isinstance(summary, dict):
+            raise TypeError(f"a {type(summary).__name__}, not a JSON object")
+        if summary.get("status") != "completed":
+            return None
+        summary_line(summary)  # the scores every tool reads, of the types they have
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:  # ValueError: UnreadableFile too
+        log.warning("%s; taking the run as unfinished", err if isinstance(err, UnreadableFile)
+                    else f"{path} holds no complete scores ({type(err).__name__}: {err})")
+        return None
+    return summary
 
 
 def write_config(cfg: DictConfig) -> None:

@@ -180,11 +180,12 @@ def test_summary_and_metrics_are_strict_json():
 
 def test_a_run_completed_before_a_key_was_added_is_still_this_run(data_root, tmp_path):
     cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
-    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    summary = {"status": "completed", "test": {"acc_digit": 0.99, "acc_sum": 0.98, "acc_both": 0.98}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
     older = to_dict(cfg)
     del older["model"]["dropout"]  # as an older version wrote config.yaml: without the key, which did nothing then
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
-    assert completed_run(cfg) == {"status": "completed"}
+    assert completed_run(cfg) == summary
     assert completed_run(load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}",
                                                  "model.dropout=0.5"])) is None
     older["model"]["gone"] = 1  # a key since removed: not this run
@@ -202,3 +203,26 @@ def test_a_launch_refused_before_it_wrote_anything_leaves_no_folder_behind(make_
     with pytest.raises(ConfigError):
         train(make_cfg("trainer.batch_size=1024", run_dir=space / "kept"))
     assert [p.name for p in space.iterdir()] == ["kept"] and list((space / "kept").iterdir()) == []
+
+
+@pytest.mark.parametrize("summary, said", [
+    (b"\x00\xff", "summary.json is not text (byte 1 is not UTF-8)"),
+    (b'{"status": "completed", "test": {"acc_digit": "x"}}', "summary.json holds no complete scores (ValueError"),
+    (b'["completed"]', "summary.json holds no complete scores (TypeError: a list, not a JSON object)"),
+])
+def test_a_damaged_summary_is_said_and_the_run_taken_as_unfinished(summary, said, data_root, tmp_path, caplog):
+    # Unfinished, it resumes from its last checkpoint, and completing writes summary.json again.
+    cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
+    (tmp_path / "summary.json").write_bytes(summary)
+    assert completed_run(cfg) is None
+    assert f"{tmp_path}/{said}" in caplog.text and "taking the run as unfinished" in caplog.text
+
+
+def test_a_damaged_config_yaml_of_a_completed_run_is_said_and_the_run_resumed(data_root, tmp_path, caplog):
+    cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "test": {
+        "acc_digit": 0.9, "acc_sum": 0.9, "acc_both": 0.9}}))
+    (tmp_path / "config.yaml").write_bytes(b"\x89binary")
+    assert completed_run(cfg) is None
+    assert f"config file {tmp_path}/config.yaml is not text" in caplog.text and "resuming from the checkpoints" \
+        in caplog.text
