@@ -44,10 +44,13 @@ def read_text(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise UnreadableFile(f"{path} {_why(path, err)}") from None
-    with open(fd, "rb") as file:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UnreadableFile(f"{path} is {kind_of(path) or 'not a regular file'}, not a file")
-        data = file.read()
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read()
+    finally:
+        os.close(fd)
     try:
         return data.decode()
     except UnicodeDecodeError as err:
