@@ -76,16 +76,16 @@ def _ranks(env, rank_name: str, local_name: str, world_name: str, local_default:
     return rank, local_rank, world_size
 
 
-def _whole_number(env, name: str, default: int | None = None, least: int = 0) -> int:
-    """The variable `name` as a whole number from `least` up to what torch.distributed takes; ConfigError naming it
-    when it is unset (without a default), malformed or out of that range."""
+def _whole_number(env, name: str, default: int | None = None, least: int = 0, most: int = _MOST_RANKS) -> int:
+    """The variable `name` as a whole number from `least` to `most`; ConfigError naming it when it is unset (without
+    a default), malformed or out of that range."""
     text = env.get(name)
     if text is None:
         if default is None:
             raise ConfigError(f"{name} is not set; {_LAUNCHERS}")
         return default
-    if not (text.isascii() and text.isdigit() and len(text) <= 10 and least <= int(text) <= _MOST_RANKS):
-        raise ConfigError(f"{name}={_quoted(text)} is not a whole number from {least} to {_MOST_RANKS}; {_LAUNCHERS}")
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(most)) and least <= int(text) <= most):
+        raise ConfigError(f"{name}={_quoted(text)} is not a whole number from {least} to {most}; {_LAUNCHERS}")
     return int(text)
 
 
@@ -121,27 +121,25 @@ def rendezvous_env(env=os.environ) -> dict[str, str]:
     if "MASTER_ADDR" not in found:
         found["MASTER_ADDR"] = _first_node(env)
     if "MASTER_PORT" not in found:
-        found["MASTER_PORT"] = str(20_000 + _whole_number(env, "SLURM_JOB_ID") % 20_000)
-    if not found["MASTER_ADDR"].strip() or re.search(r"[\s\x00-\x1f]", found["MASTER_ADDR"]):
+        found["MASTER_PORT"] = str(20_000 + _whole_number(env, "SLURM_JOB_ID", most=2**32 - 1) % 20_000)
+    if not re.fullmatch(r"[^\s\x00-\x1f]+", found["MASTER_ADDR"]):
         raise ConfigError(f"MASTER_ADDR={_quoted(found['MASTER_ADDR'])} is not a host name or address; set it to "
                           f"rank 0's host")
-    if not 1 <= _whole_number(found, "MASTER_PORT") <= 65_535:
-        raise ConfigError(f"MASTER_PORT={found['MASTER_PORT']} is not a port (1 to 65535); set it to a free port "
-                          f"on rank 0's host")
+    _whole_number(found, "MASTER_PORT", least=1, most=65_535)
     return found
 
 
 def _first_node(env) -> str:
     """The first host of an srun step's SLURM_STEP_NODELIST (`node[1-4]` -> node1), which scontrol expands."""
-    nodes = env.get("SLURM_STEP_NODELIST", "")
+    nodes, hosts, why = env.get("SLURM_STEP_NODELIST", ""), [], "it is unset"
     try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True, capture_output=True, text=True,
-                               timeout=60).stdout.split()
+        if nodes:
+            why = "it names no host"
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True, capture_output=True,
+                                   text=True, timeout=60).stdout.split()
     except (OSError, subprocess.SubprocessError) as err:
-        hosts, why = [], getattr(err, "strerror", None) or type(err).__name__
-    else:
-        why = "it names no host"
-    if not nodes or not hosts:
+        why = getattr(err, "strerror", None) or type(err).__name__
+    if not hosts:
         raise ConfigError(f"MASTER_ADDR is not set, and scontrol finds no first node in SLURM_STEP_NODELIST="
                           f"{_quoted(nodes)} ({why}); set MASTER_ADDR to rank 0's host")
     return hosts[0]

@@ -310,6 +310,7 @@ def test_the_environments_launchers_make_are_taken_as_they_are():
     assert rendezvous_env(TORCHRUN_ENV) == {"MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
     assert launcher_ranks(SRUN_ENV) == (3, 1, 4) and local_world_size(SRUN_ENV) == 2
     assert rendezvous_env(SRUN_ENV) == {"MASTER_ADDR": "node0", "MASTER_PORT": str(20_000 + 4321)}
+    assert rendezvous_env({**SRUN_ENV, "SLURM_JOB_ID": "4294967295"})["MASTER_PORT"] == str(20_000 + 7295)
     assert launcher_ranks({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}) == (0, 0, 1)  # one task: one process
     assert launcher_ranks({}) == (0, 0, 1)
 
@@ -344,7 +345,7 @@ def test_a_node_of_more_ranks_than_the_job_or_fewer_than_its_local_rank_is_refus
 
 @pytest.mark.parametrize("env, said", [
     ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set, though WORLD_SIZE=2"),
-    ({**TORCHRUN_ENV, "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a port (1 to 65535)"),
+    ({**TORCHRUN_ENV, "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a whole number from 1 to 65535"),
     ({**TORCHRUN_ENV, "MASTER_ADDR": "two hosts"}, "MASTER_ADDR='two hosts' is not a host name or address"),
     ({**SRUN_ENV, "SLURM_JOB_ID": "x"}, "SLURM_JOB_ID=x is not a whole number"),
 ])
