@@ -233,9 +233,10 @@ def metrics_records(run_dir: Path) -> list[dict]:
         raise UnreadableFile(f"{path} is {kind}, not a file")
     try:
         records = read_metrics(run_dir)
-    except UnicodeDecodeError as err:
-        raise UnreadableFile(f"{path} is not text (byte {err.start} is not UTF-8): restore it, or delete its damaged "
-                             f"lines") from None
+    except ValueError as err:  # not UTF-8, or a number past Python's digit limit
+        what = (f"is not text (byte {err.start} is not UTF-8)" if isinstance(err, UnicodeDecodeError)
+                else f"holds a line that cannot be read ({str(err).split(';')[0]})")
+        raise UnreadableFile(f"{path} {what}: restore it, or delete its damaged lines") from None
     drawable = [record for record in records if _drawable(record)]
     if len(drawable) < len(records):
         print(f"warning: {path}: {len(records) - len(drawable)} of its {len(records)} records are not metrics (a "

@@ -519,6 +519,7 @@ def checkpoints_in(space: Path) -> dict[Path, bytes]:
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
 @given(a_file_case())
 @example(("sweep/seed-1/config.yaml", "compare", "directory", ("empty",)))  # found by the fuzzer: open() of a folder
+@example(("run/metrics.jsonl", "report", "file", ("huge", 0)))  # found by the long fuzz: 100,000 digits
 @example(("fuzzed.pt", "train", "file", ("good",)))
 @example(("fuzzed.pt", "evaluate", "link to a file", ("good",)))
 @example(("sweep/seed-1/summary.json", "job.submit", "FIFO", ("good",)))

@@ -211,6 +211,9 @@ def test_misclassified_captions_read_prediction_then_sum_with_the_truth_beside_e
 @pytest.mark.parametrize("make, said", [
     (lambda path: path.write_bytes(b"\x00\xff\xfe"), "is not text (byte 1 is not UTF-8): restore it, or delete its "
                                                       "damaged lines"),
+    (lambda path: path.write_text("9" * 5000 + "\n"), "holds a line that cannot be read (Exceeds the limit (4300 "
+                                                      "digits) for integer string conversion: value has 5000 digits)"
+                                                      ": restore it, or delete its damaged lines"),
     (os.mkfifo, "is a FIFO (named pipe), not a file"),  # never read: that would wait for a writer
     (lambda path: path.symlink_to("/dev/zero"), "is a device, not a file"),  # never read: it would never end
     (lambda path: path.mkdir(), "is a directory, not a file"),
