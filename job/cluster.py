@@ -3,10 +3,11 @@ records which job runs which member of a sweep."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
+
+from mnist_add.files import UnreadableFile, present, read_json
 
 SWEEP_INDEX = "sweep.json"  # in a sweep directory: {"name": ..., "members": {member name: {"job_id": ...}}}
 # SLURM job states (sacct) of a member without a completed summary, by what mnist_add.compare calls them
@@ -15,11 +16,30 @@ SLURM_STATUS = {"RUNNING": "running", "COMPLETING": "running", "PENDING": "pendi
                 "OUT_OF_MEMORY": "failed", "NODE_FAIL": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
 
 
+class SweepIndexError(ValueError):
+    """A sweep.json that cannot be read; the message names it and what to do."""
+
+
 def read_index(sweep_dir: Path) -> dict[str, str]:
-    """{member name: SLURM job id} from the sweep's sweep.json; empty without one."""
+    """{member name: SLURM job id} from the sweep's sweep.json; empty without one. A damaged one raises
+    SweepIndexError rather than being taken as empty, which would submit again members whose jobs still run."""
     path = sweep_dir / SWEEP_INDEX
-    members = json.loads(path.read_text())["members"] if path.is_file() else {}
+    if not present(path):
+        return {}
+    try:
+        index = read_json(path)
+    except UnreadableFile as err:
+        raise SweepIndexError(f"sweep index {err}; {_INDEX_FIX}") from None
+    members = index.get("members") if isinstance(index, dict) else None
+    if not isinstance(members, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("job_id"), str)
+                                                for entry in members.values()):
+        raise SweepIndexError(f"sweep index {path} is not of the form {{\"members\": {{name: {{\"job_id\": \"...\"}}}}}}; "
+                              f"{_INDEX_FIX}")
     return {name: entry["job_id"] for name, entry in members.items()}
+
+
+_INDEX_FIX = ("it records the SLURM job of each member: restore it, or delete it (members whose jobs are still queued "
+              "are then submitted again)")
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from job import sweep
+from job.cluster import SweepIndexError
 from mnist_add.config import (Config, ConfigError, build_parser, load_config, ranged, refuse, training_config,
                               upgraded)
 from mnist_add.rundir import SUMMARY_NAME, RunDirError, summary_line
@@ -123,6 +125,13 @@ def validate(cfg: JobConfig) -> None:
                           f"{cfg.timeout_min}-minute limit before the warning; lower it or raise job.timeout_min")
 
 
+def check_slurm(cluster: Cluster) -> None:
+    """submitit submits to SLURM with its commands; without them it would end in a traceback of its own."""
+    if cluster == Cluster.slurm and shutil.which("srun") is None:
+        raise ConfigError("there is no SLURM here (no srun on PATH): submit from a node of a SLURM cluster, or run the "
+                          "job as processes on this machine with job.cluster=local")
+
+
 def submit_sweep(plan: sweep.SweepPlan, cfg: JobConfig, wait: bool) -> int:
     """Each array of members to run as one SLURM job array; locally, at most array_parallelism at a time."""
     print(f"sweep {plan.name}: {len(plan.to_run)} to run, {len(plan.finished)} finished and "
@@ -183,7 +192,8 @@ def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, DictC
 def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg, sweep_plan = read_command_line(argv)
-    except (ConfigError, RunDirError) as err:
+        check_slurm(cfg.job.cluster)  # after the command line's own mistakes, which say more
+    except (ConfigError, RunDirError, SweepIndexError) as err:
         return refuse(err)
     if sweep_plan is not None:
         return submit_sweep(sweep_plan, cfg.job, args.wait)

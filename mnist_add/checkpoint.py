@@ -15,6 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from mnist_add.files import kind_of
+
 if TYPE_CHECKING:
     import torch
 
@@ -79,13 +81,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def check_file(path: str | Path) -> Path:
-    """What can be said of a checkpoint without reading it (or importing torch): a folder, a missing file and an
-    empty one raise CheckpointError."""
+    """What can be said of a checkpoint without reading it (or importing torch): a folder, a FIFO or a device, a
+    missing file and an empty one raise CheckpointError."""
     path = Path(path)
     try:
         if path.is_dir():
             raise CheckpointError(f"checkpoint {path} is a directory; pass a .pt file "
                                   f"(for example {path}/{BEST_NAME})")
+        if (kind := kind_of(path)) is not None:  # a FIFO, a device, a link to nothing: never opened (it could block)
+            raise CheckpointError(f"checkpoint {path} is {kind}, not a regular file; pass a .pt file")
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist{_instead(path)}")
         if path.stat().st_size == 0:

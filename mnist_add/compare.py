@@ -33,7 +33,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from mnist_add.config import cli_parser, flatten, refuse
+from mnist_add.config import ConfigError, cli_parser, flatten, read_yaml, refuse
+from mnist_add.files import UnreadableFile, present, read_json
 from mnist_add.rundir import CONFIG_NAME, LOCK_NAME, METRICS_NAME, OPERATIONAL_KEYS, SUMMARY_NAME, is_running
 from mnist_add.tracking import read_metrics
 
@@ -94,7 +95,7 @@ class Comparison:
 
 def mean_std(values: list[float]) -> dict[str, float | None]:
     """Mean and sample standard deviation; None where there are too few values for it."""
-    return {"mean": statistics.fmean(values) if values else None,
+    return {"mean": statistics.mean(values) if values else None,  # exact: a sum past the largest float is no error
             "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
@@ -122,7 +123,10 @@ def job_states(sweep_dir: Path) -> dict[str, str | None]:
     """{member name: its job's state} for every member a launcher submitted into sweep_dir, from the hooks."""
     states: dict[str, str | None] = {}
     for hook in entry_points(group=JOB_STATES_HOOK):
-        states.update(hook.load()(sweep_dir))
+        try:
+            states.update(hook.load()(sweep_dir))
+        except ValueError as err:  # a record the launcher cannot read (job.cluster's: a damaged sweep.json)
+            print(f"warning: {err}; the job states of {sweep_dir} are unknown", file=sys.stderr)
     return states
 
 
@@ -135,20 +139,53 @@ def member_status(summary: dict, lock_held: bool, job_state: str | None) -> str:
 
 
 def read_member(path: Path, job_state: str | None = None, score: str = "test") -> Member:
-    config_path, summary_path = path / CONFIG_NAME, path / SUMMARY_NAME
-    config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    status = member_status(summary, is_running(path), job_state)
+    """A member as its files say; one whose config.yaml or summary.json is damaged is left out with a warning naming
+    the file, and the comparison goes on: the other members' statistics are what the user came for."""
+    try:
+        config, summary = read_run_files(path)
+        status = member_status(summary, is_running(path), job_state)
+        results = completed_results(summary, path / SUMMARY_NAME, score) if status == "completed" else None
+    except (ConfigError, UnreadableFile) as err:
+        print(f"warning: {err}; {path.name} is left out", file=sys.stderr)
+        return Member(path, {}, "damaged")
     if status != "completed":
         return Member(path, config, status)
+    if results is None:  # a run from before validation existed, or one that held nothing out
+        return Member(path, config, f"no {SCORES[score][1]} score")
+    return Member(path, config, status, results)
+
+
+def read_run_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run directory's config (flat keys) and summary, each empty when the run has not written it yet."""
+    config_path, summary_path = path / CONFIG_NAME, path / SUMMARY_NAME
+    config = flatten(OmegaConf.to_container(read_yaml(config_path))) if present(config_path) else {}
+    summary = read_json(summary_path) if present(summary_path) else {}
+    if not isinstance(summary, dict):
+        raise UnreadableFile(f"{summary_path} holds {_brief(summary)}, not a JSON object")
+    return config, summary
+
+
+def completed_results(summary: dict[str, Any], path: Path, score: str) -> dict[str, float] | None:
+    """The STATISTICS of a completed summary, None without the score asked for; UnreadableFile for a value that is
+    not a number in its range."""
     scores = summary
     for key in SCORES[score][0]:
         scores = scores.get(key) or {}
-    if not scores:  # a run from before validation existed, or one that held nothing out
-        return Member(path, config, f"no {SCORES[score][1]} score")
-    results = {name: scores[name] for name in ACCURACIES}
-    results[WALL_TIME] = summary["segment_wall_time_s"]
-    return Member(path, config, status, results)
+        if not isinstance(scores, dict):
+            raise UnreadableFile(f"{path} holds {_brief(scores)} at {key}, where an object of scores belongs")
+    if not scores:
+        return None
+    found = {name: (scores.get(name), ".".join([*SCORES[score][0], name]), 1.0) for name in ACCURACIES}
+    found[WALL_TIME] = (summary.get("segment_wall_time_s"), "segment_wall_time_s", sys.float_info.max)
+    for value, key, most in found.values():
+        if type(value) not in (int, float) or not 0 <= value <= most:
+            raise UnreadableFile(f"{path} holds {_brief(value)} at {key}, where a number from 0 to {most:g} belongs")
+    return {name: float(value) for name, (value, _, _) in found.items()}
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
 
 
 # --- grouping ---------------------------------------------------------------------------------------

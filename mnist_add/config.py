@@ -7,9 +7,13 @@ The config is read-only once loaded. Runtime facts (rank, device, ...) live in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import io
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
+
+from mnist_add.files import UnreadableFile, kind_of, present, read_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -199,16 +205,16 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
     try:
         cfg = OmegaConf.structured(schema)
         for path in files:
-            cfg = OmegaConf.merge(cfg, _load_yaml(_existing(path)))
+            cfg = _merge_file(cfg, _existing(path), schema)
         cfg = OmegaConf.merge(cfg, _from_dotlist(list(overrides)))
         # Interpolations resolve now, to values their fields accept: a bad one fails here, not mid-run.
-        OmegaConf.resolve(cfg)
+        _resolve(cfg)
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
     except (ValueError, TypeError, AttributeError) as err:  # OmegaConf's own, on a key set under a list or scalar
-        raise ConfigError(f"invalid config: the overrides {' '.join(overrides)} cannot be combined "
+        raise ConfigError(f"invalid config: the overrides {' '.join(map(_shown, overrides))} cannot be combined "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     check_bounds(cfg, schema)
     validate(cfg)
@@ -216,34 +222,112 @@ def load_config(files: list[str] = (), overrides: list[str] = (), schema: type =
     return cfg
 
 
+def _merge_file(cfg: DictConfig, path: Path, schema: type) -> DictConfig:
+    """`cfg` with the YAML file merged over it; a value that does not fit names the file as well as the key."""
+    try:
+        return OmegaConf.merge(cfg, read_yaml(path))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{_explain(err, schema)} in config file {path}") from None
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """A value as a one-line message quotes it: a long one cut, with its length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """OmegaConf.resolve, whose error names no key: then each value is read in turn, and the error of the one that
+    fails names it (`data.root`, for an unset ${oc.env:...})."""
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError:
+        _read_every_value(cfg)
+        raise
+
+
+def _read_every_value(node: DictConfig | ListConfig) -> None:
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        if isinstance(value := node[key], (DictConfig, ListConfig)):
+            _read_every_value(value)
+
+
 def _from_dotlist(overrides: list[str]) -> DictConfig:
     """`key=value` items, each value read as YAML (as OmegaConf.from_dotlist does, one item after the other), one
     line for one that is not."""
     cfg = OmegaConf.create()
     for item in overrides:
-        try:
+        key, _, value = item.partition("=")
+        _refuse_control_characters(key, value)
+        with _reading_yaml(value, f"the value of {key!r}", fix="; quote it or fix it: key=value"):
             cfg.merge_with_dotlist([item])
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"the value of {item.partition('=')[0]!r} is not valid YAML ({problem}); quote it or "
-                              f"fix it: key=value") from None
     return cfg
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def _refuse_control_characters(key: str, value: str) -> None:
+    """YAML folds a line break in a value into a space, so `run.dir=a<newline>b` would write to `a b`, a place never
+    typed; no key's value holds a control character on purpose."""
+    if found := _CONTROL.search(value):
+        raise ConfigError(f"the value of {key!r} holds the control character {found.group()!r} (at position "
+                          f"{found.start()}); remove it")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """The mapping in a YAML file, as it stands (no schema); ConfigError naming the file for what cannot be read."""
     try:
-        loaded = OmegaConf.load(path)
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text: a config is a YAML file (UTF-8)") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}") from None
+        text = read_text(path)
+    except UnreadableFile as err:
+        raise ConfigError(f"config file {err}: a config is a YAML file (UTF-8)") from None
+    with _reading_yaml(text, f"config file {path}"):
+        loaded = OmegaConf.load(io.StringIO(text))
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections (run:, trainer:, ...), "
                           f"not a {type(loaded).__name__}")
     return loaded
+
+
+@contextlib.contextmanager
+def _reading_yaml(text: str, where: str, fix: str = ""):
+    """Around OmegaConf's reading of the YAML `text`: what it cannot read, as one ConfigError naming `where` (the
+    file, or the key of an override)."""
+    _check_shape(text, where)
+    try:
+        yield
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}{fix}") from None
+    except ValueError as err:  # Python reads at most sys.get_int_max_str_digits() (4300) digits of an integer
+        if "integer string conversion" not in str(err):
+            raise
+        raise ConfigError(f"{where} holds a number too long to read (thousands of digits); every number of a "
+                          f"config is far smaller") from None
+
+
+def _check_shape(text: str, where: str) -> None:
+    """Refuse, before OmegaConf reads it, YAML that would take it forever: an alias (`*name`) repeats what its anchor
+    holds, so a few nested ones expand a file of a few hundred bytes into billions of values; and PyYAML's time grows
+    with the square of the nesting depth. A config needs neither."""
+    depth = 0
+    try:
+        for token in yaml.scan(text):
+            if isinstance(token, yaml.AliasToken):
+                raise ConfigError(f"{where} uses the YAML alias *{token.value}: aliases are not allowed, as a few can "
+                                  f"expand into billions of values; write the values out")
+            depth += isinstance(token, _OPENS) - isinstance(token, _CLOSES)
+            if depth > _MAX_DEPTH:
+                raise ConfigError(f"{where} nests lists or mappings more than {_MAX_DEPTH} deep; a config needs 3")
+    except yaml.YAMLError:  # said by the reading that follows, with its line and column
+        return
+
+
+_MAX_DEPTH = 32
+_OPENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+          yaml.FlowSequenceStartToken)
+_CLOSES = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
 
 
 def _explain(err: OmegaConfBaseException, schema: type) -> str:
@@ -261,8 +345,10 @@ def _explain(err: OmegaConfBaseException, schema: type) -> str:
 def _existing(path: str) -> Path:
     """A config file as given, or by name from configs/ (`--config debug`)."""
     for candidate in (Path(path), CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
-        if candidate.is_file():
+        if os.path.isfile(candidate):  # Path.is_file raises for a name too long
             return candidate
+    if present(Path(path)):  # a folder, a FIFO, a device, a link to nothing: never opened, which could block
+        raise ConfigError(f"config file {path} is {kind_of(Path(path))}; a config is a YAML file")
     raise ConfigError(f"config file {path!r} not found (looked as given and in {CONFIG_DIR})")
 
 
@@ -304,8 +390,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.train_samples={cfg.data.train_samples} and data.val_samples={cfg.data.val_samples} "
                           f"add up to more than the 60000 training images; lower either")
     for key, value in flatten(to_dict(cfg)).items():
-        if isinstance(value, str) and "\x00" in value:
-            raise ConfigError(f"{key} holds a NUL character, which no path or name may hold")
+        if isinstance(value, str) and (found := _CONTROL.search(value)):
+            raise ConfigError(f"{key} holds the control character {found.group()!r}, which no path or name may hold")
     if str(cfg.trainer.cuda_graph).lower() not in SWITCH:
         raise ConfigError(f"trainer.cuda_graph must be one of auto, true, false; got {cfg.trainer.cuda_graph!r}")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):

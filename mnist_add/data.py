@@ -18,10 +18,9 @@ from torch.utils.data import DistributedSampler
 from torchvision.datasets import MNIST
 
 from mnist_add.config import ConfigError, DataConfig
+from mnist_add.task import NUM_ADDENDS
 
 MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, as the seed normalised
-NUM_ADDENDS = 10  # addends 0..9 inclusive (the seed's randrange(0, 9) never drew 9)
-NUM_SUMS = 19  # sums 0..18
 TEST_ADDEND_SEED = 20_240_601  # test pairs never change, whatever the training seed
 VAL_SPLIT_SEED = 20_261_204  # which training images are held out for validation: the same for every run
 VAL_ADDEND_SEED = 20_261_205  # validation pairs never change either

@@ -11,7 +11,9 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,31 +42,107 @@ class Runtime:
 
 
 def launcher_ranks(env=os.environ) -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun/submitit (RANK, ...) or a bare `srun` step."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    """(rank, local rank, world size) from torchrun/submitit (RANK, ...) or a bare `srun` step.
+
+    An environment no launcher makes (a malformed number, RANK past WORLD_SIZE, WORLD_SIZE without RANK) raises
+    ConfigError naming the variable: it would otherwise fail in the rendezvous, or quietly train as one process.
+    """
+    if "RANK" in env or "WORLD_SIZE" in env:
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            given, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+            raise ConfigError(f"{given}={_quoted(env[given])} is set but {missing} is not; {_LAUNCHERS}")
+        return _ranks(env, "RANK", "LOCAL_RANK", "WORLD_SIZE", local_default=0)
     # Inside an srun step (not the batch shell, which also has SLURM_PROCID=0): one task is one rank.
-    if "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    if "SLURM_STEP_ID" in env and _whole_number(env, "SLURM_STEP_NUM_TASKS", default=1, least=1) > 1:
+        return _ranks(env, "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS")
     return 0, 0, 1
 
 
-def _slurm_rendezvous(env=os.environ) -> dict[str, str]:
-    """MASTER_ADDR/PORT for an srun step that did not set them: the first node, a port from the job id."""
-    found = {}
-    if "MASTER_ADDR" not in env:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
-                               check=True, capture_output=True, text=True).stdout.split()
-        found["MASTER_ADDR"] = hosts[0]
-    if "MASTER_PORT" not in env:
-        found["MASTER_PORT"] = str(20_000 + int(env["SLURM_JOB_ID"]) % 20_000)
-    return found
+_LAUNCHERS = ("launchers (torchrun, srun, submitit) set these variables together and consistently: launch through "
+              "one, or unset them to train as one process")
+_MOST_RANKS = 2**31 - 1  # torch.distributed numbers ranks with 32-bit integers
+
+
+def _ranks(env, rank_name: str, local_name: str, world_name: str, local_default: int | None = None):
+    world_size = _whole_number(env, world_name, least=1)
+    rank = _whole_number(env, rank_name)
+    if rank >= world_size:
+        raise ConfigError(f"{rank_name}={rank} must be below {world_name}={world_size} (ranks count from 0); "
+                          f"{_LAUNCHERS}")
+    local_rank = _whole_number(env, local_name, default=local_default)
+    if local_rank > rank:
+        raise ConfigError(f"{local_name}={local_rank} cannot exceed {rank_name}={rank} (a node's ranks follow those of "
+                          f"the nodes before it); {_LAUNCHERS}")
+    return rank, local_rank, world_size
+
+
+def _whole_number(env, name: str, default: int | None = None, least: int = 0, most: int = _MOST_RANKS) -> int:
+    """The variable `name` as a whole number from `least` to `most`; ConfigError naming it when it is unset (without
+    a default), malformed or out of that range."""
+    text = env.get(name)
+    if text is None:
+        if default is None:
+            raise ConfigError(f"{name} is not set; {_LAUNCHERS}")
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(most)) and least <= int(text) <= most):
+        raise ConfigError(f"{name}={_quoted(text)} is not a whole number from {least} to {most}; {_LAUNCHERS}")
+    return int(text)
+
+
+def _quoted(text: str) -> str:
+    """A variable's value as a one-line message shows it: quoted where it holds a space or an unprintable character
+    (a newline stays visible) or nothing, a long one cut."""
+    shown = text if text.isprintable() and text and " " not in text else repr(text)
+    return shown if len(text) <= 20 else f"{shown[:20]}... ({len(text)} characters)"
 
 
 def local_world_size(env=os.environ) -> int:
     """How many ranks share this node: torchrun's and submitit's LOCAL_WORLD_SIZE; elsewhere (srun) at least the
     ranks below this one."""
-    return int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else launcher_ranks(env)[1] + 1
+    _, local_rank, world_size = launcher_ranks(env)
+    if "LOCAL_WORLD_SIZE" not in env:
+        return local_rank + 1
+    ranks_here = _whole_number(env, "LOCAL_WORLD_SIZE", least=1)
+    if not local_rank < ranks_here <= world_size:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={ranks_here} must exceed the local rank ({local_rank}) and be at most the "
+                          f"world size ({world_size}); {_LAUNCHERS}")
+    return ranks_here
+
+
+def rendezvous_env(env=os.environ) -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT, where the ranks of a job of several meet: torchrun's, or for an srun step that
+    did not set them, the first node and a port from the job id. ConfigError names one missing or malformed."""
+    slurm_step = "RANK" not in env  # launcher_ranks read SLURM's variables
+    found = {name: env[name] for name in ("MASTER_ADDR", "MASTER_PORT") if name in env}
+    if not slurm_step and len(found) < 2:
+        raise ConfigError(f"{' and '.join(n for n in ('MASTER_ADDR', 'MASTER_PORT') if n not in found)} not set, "
+                          f"though WORLD_SIZE={env['WORLD_SIZE']} asks for several processes; torchrun sets them: "
+                          f"launch through it, or set MASTER_ADDR and MASTER_PORT to where rank 0 listens")
+    if "MASTER_ADDR" not in found:
+        found["MASTER_ADDR"] = _first_node(env)
+    if "MASTER_PORT" not in found:
+        found["MASTER_PORT"] = str(20_000 + _whole_number(env, "SLURM_JOB_ID", most=2**32 - 1) % 20_000)
+    if not re.fullmatch(r"[^\s\x00-\x1f]+", found["MASTER_ADDR"]):
+        raise ConfigError(f"MASTER_ADDR={_quoted(found['MASTER_ADDR'])} is not a host name or address; set it to "
+                          f"rank 0's host")
+    _whole_number(found, "MASTER_PORT", least=1, most=65_535)
+    return found
+
+
+def _first_node(env) -> str:
+    """The first host of an srun step's SLURM_STEP_NODELIST (`node[1-4]` -> node1), which scontrol expands."""
+    nodes, hosts, why = env.get("SLURM_STEP_NODELIST", ""), [], "it is unset"
+    try:
+        if nodes:
+            why = "it names no host"
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True, capture_output=True,
+                                   text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError) as err:
+        why = getattr(err, "strerror", None) or type(err).__name__
+    if not hosts:
+        raise ConfigError(f"MASTER_ADDR is not set, and scontrol finds no first node in SLURM_STEP_NODELIST="
+                          f"{_quoted(nodes)} ({why}); set MASTER_ADDR to rank 0's host")
+    return hosts[0]
 
 
 def choose_device(local_rank: int, ranks_here: int, num_gpus: int, backend: str) -> torch.device:
@@ -91,11 +169,34 @@ def setup(cfg: DistConfig) -> Runtime:
         log.info("CUDA_VISIBLE_DEVICES is empty: running on the CPU")
     if world_size > 1 and not dist.is_initialized():
         warn_about_shared_torchrun_store()
-        if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:
-            os.environ.update(_slurm_rendezvous())
+        os.environ.update(rendezvous_env())
+        if rank != 0:
+            wait_for_rank_zero(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), cfg.timeout_s,
+                               f"rank {rank} of {world_size}")
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(rank, local_rank, world_size, device)
+
+
+class RankZeroNeverCame(RuntimeError):
+    """Rank 0's rendezvous did not answer within dist.timeout_s; the message says so in one line."""
+
+
+def wait_for_rank_zero(address: str, port: int, timeout_s: float, me: str) -> None:
+    """Wait, at most timeout_s, until rank 0 listens at MASTER_ADDR:MASTER_PORT. torch's own client waits as long,
+    but logs every failed try with a C++ stack trace; a bare connection, closed at once, is not counted as a rank."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise RankZeroNeverCame(
+                    f"{me} could not reach rank 0 at {address}:{port} within {timeout_s:g} s (dist.timeout_s): rank 0 "
+                    f"never came (not started, listening elsewhere, or behind a firewall); start it, or fix "
+                    f"MASTER_ADDR/MASTER_PORT, then relaunch") from None
+            time.sleep(0.1)
 
 
 def warn_about_shared_torchrun_store(env=os.environ) -> None:
@@ -145,6 +246,10 @@ _HUNG = (re.compile(r"Timed out waiting (?P<ms>\d+)ms for (?P<op>recv|send) oper
 _DIED = (re.compile(r"(?:Connection closed by peer|Read error|Write error) \[(?P<addr>[^\]]+)\]:(?P<port>\d+)"),  # gloo
          re.compile(r"Connection reset by peer|Broken pipe|failed to recv, got 0 bytes"),  # gloo, the TCPStore
          re.compile(r"NCCL communicator was aborted|remote process exited or there was a network error"))  # NCCL
+# What torch 2.14's TCPStore says when ranks never join rank 0, which listens (the others wait for it before they
+# connect: see wait_for_rank_zero).
+_NEVER_JOINED = re.compile(r"Timed out after (?P<s>\d+) seconds waiting for clients\. (?P<joined>\d+)/(?P<total>\d+) "
+                           r"clients joined")
 _RESUME = ("relaunch the same command to resume from the last checkpoint (torchrun --max-restarts=N or a "
            "SLURM requeue does it by itself)")
 
@@ -155,10 +260,14 @@ def explain_collective_failure(err: BaseException, env=os.environ) -> str | None
     Says which rank gave up, on what, after how long (dist.timeout_s bounds it), who the peer was when it can
     be known (with two ranks, the other one), and what to do.
     """
+    if isinstance(err, RankZeroNeverCame):
+        return str(err)
     text = " ".join(str(e) for e in _exception_chain(err))
     rank, _, world_size = launcher_ranks(env)
     me = f"rank {rank} of {world_size}"
     peer = f"rank {1 - rank}" if world_size == 2 else "a peer rank"
+    if message := _explain_rendezvous(text, me):
+        return message
     for pattern in _HUNG:
         if found := pattern.search(text):
             what = f" ({found['op'].lower()}) after {int(found['ms']) / 1000:g} s" if found.groupdict() else ""
@@ -170,6 +279,17 @@ def explain_collective_failure(err: BaseException, env=os.environ) -> str | None
             where = f" at {found['addr']}:{found['port']}" if found.groupdict() else ""
             return (f"{me} lost {peer}{where} in the middle of a collective: that rank died (crashed, killed, out "
                     f"of memory, or its node failed); its log or the launcher's says why. Then {_RESUME}")
+    return None
+
+
+def _explain_rendezvous(text: str, me: str) -> str | None:
+    """One line for a rendezvous that rank 0 gave up after dist.timeout_s, naming the ranks that never came."""
+    if found := _NEVER_JOINED.search(text):
+        joined, total = int(found["joined"]), int(found["total"])
+        missing = "rank 1" if total == 2 else f"{total - joined} of ranks 1..{total - 1}"
+        return (f"{me} waited {found['s']} s (dist.timeout_s) for the other ranks to join it at MASTER_ADDR:"
+                f"MASTER_PORT, but {missing} never came (not started, or cannot reach this host); start every rank "
+                f"(torchrun starts them all), or fix MASTER_ADDR/MASTER_PORT, then relaunch")
     return None
 
 

@@ -42,19 +42,19 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     import torch  # here, after the path is checked: see the module's docstring
 
     from mnist_add import distributed
-    from mnist_add.config import DistConfig
+    from mnist_add.config import ConfigError, DistConfig
     from mnist_add.data import DatasetError
     from mnist_add.scoring import evaluate, load_model, load_split
 
-    runtime = distributed.setup(DistConfig())
     try:
+        runtime = distributed.setup(DistConfig())
         model, cfg = load_model(args.checkpoint, runtime.device)
         if cfg.trainer.compile:  # evaluate as the run did
             model = torch.compile(model)
         dataset = load_split(args.split, args.data_root or cfg.data.root, cfg.data.val_samples).to(runtime.device)
         result = evaluate(model, dataset, runtime, args.batch_size, cfg.loss.sum, exhaustive=args.exhaustive,
                           progress=runtime.is_main and sys.stderr.isatty())
-    except (checkpoint.CheckpointError, DatasetError) as err:
+    except (checkpoint.CheckpointError, ConfigError, DatasetError) as err:  # ConfigError: the launcher's variables
         return refuse(err)
     finally:
         distributed.teardown()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_add.config import Activation, Arch, Heads, LossConfig, ModelConfig, SumHead, SumLoss
-from mnist_add.data import NUM_ADDENDS, NUM_SUMS
+from mnist_add.task import NUM_ADDENDS, NUM_SUMS
 
 NUM_DIGITS = 10
 ACTIVATIONS = {Activation.relu: nn.ReLU, Activation.silu: nn.SiLU}

@@ -25,14 +25,18 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
+from omegaconf import DictConfig
 
 from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, SumHead, cli_parser, load_config, refuse
-from mnist_add.data import NUM_SUMS, DatasetError, MNISTAdd
+from mnist_add.data import DatasetError, MNISTAdd
+from mnist_add.files import UnreadableFile, present
 from mnist_add.distributed import Runtime
 from mnist_add.scoring import evaluate, load_model
 from mnist_add.model import NUM_DIGITS, Criterion
-from mnist_add.tracking import METRICS_NAME, read_metrics
+from mnist_add.task import NUM_SUMS
+from mnist_add import tracking
+from mnist_add.tracking import METRICS_NAME
 
 TASKS = ("digit", "sum")
 NUM_CLASSES = {"digit": NUM_DIGITS, "sum": NUM_SUMS}
@@ -61,10 +65,8 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def label_smoothing(run_dir: Path) -> dict[str, float] | None:
     """Per task, the label smoothing of the run's training loss (its test loss has none); None without config.yaml."""
-    path = run_dir / CONFIG_NAME
-    if not path.is_file():
+    if (cfg := run_config(run_dir)) is None:
         return None
-    cfg = load_config([str(path)])
     criterion = Criterion(cfg.loss, cfg.model.sum_head)  # the training loss's own rule: which heads are smoothed
     return {"digit": cfg.loss.label_smoothing, "sum": criterion.sum_smoothing}
 
@@ -95,8 +97,13 @@ def draw_losses(records: list[dict], smoothing: dict[str, float] | None) -> Figu
 
 def sum_follows_digit(run_dir: Path) -> bool:
     """Whether the run's sum head is structured: its sum is right exactly when its digit is."""
+    return (cfg := run_config(run_dir)) is not None and cfg.model.sum_head == SumHead.structured
+
+
+def run_config(run_dir: Path) -> DictConfig | None:
+    """The run's config.yaml, None where there is none; ConfigError naming it when it is damaged (or a FIFO...)."""
     path = run_dir / CONFIG_NAME
-    return path.is_file() and load_config([str(path)]).model.sum_head == SumHead.structured
+    return load_config([str(path)]) if present(path) else None
 
 
 def draw_error_rates(records: list[dict], one_panel: bool = False) -> Figure:
@@ -218,9 +225,31 @@ def plot_test_set(checkpoint_path: Path, data_root: str | None, out: Path) -> li
                            out / "misclassified.png")]
 
 
+def metrics_records(run_dir: Path) -> list[dict]:
+    """The records of the run's metrics.jsonl that can be drawn: objects with a whole-number step and numbers. Others
+    (a line of another program, a value of the wrong type) are left out with a warning; a file that is not text, or
+    not a file, raises UnreadableFile."""
+    path = run_dir / METRICS_NAME
+    records, damaged = tracking.metrics_records(path)  # a FIFO, a device or a folder: UnreadableFile, never read
+    if not records and path.stat().st_size:
+        raise UnreadableFile(f"{path} holds no record: none of its lines is a JSON object with a step (binary, cut, "
+                             f"or another program's); restore it, or delete its damaged lines")
+    drawable = [record for record in records if _drawable(record)]
+    if damaged or len(drawable) < len(records):
+        print(f"warning: {path}: {damaged + len(records) - len(drawable)} of its {damaged + len(records)} lines are "
+              f"not metrics (a step and numbers) and are left out of the figures", file=sys.stderr)
+    return drawable
+
+
+def _drawable(record) -> bool:
+    numbers = (int, float, type(None))  # null: a NaN or infinity as metrics.jsonl writes it
+    return (isinstance(record, dict) and type(record.get("step")) is int
+            and all(type(value) in numbers for value in record.values()))
+
+
 def write_report(run_dir: Path, out: Path, data_root: str | None = None) -> list[Path]:
     """All figures this run allows; returns the paths written."""
-    records = read_metrics(run_dir)
+    records = metrics_records(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [save(draw_losses(records, label_smoothing(run_dir)), out / "loss.png"),
                save(draw_error_rates(records, sum_follows_digit(run_dir)), out / "accuracy.png")]
@@ -238,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="folder holding MNIST/raw/ (default: the checkpoint's data.root)")
     args = parser.parse_args(argv)
     try:
-        if not (args.run_dir / METRICS_NAME).is_file():
+        if not present(args.run_dir / METRICS_NAME):
             return refuse(f"{args.run_dir} has no {METRICS_NAME}: not a run directory of mnist_add.train, "
                           f"or the run has not logged a step yet")
         written = write_report(args.run_dir, args.out or args.run_dir / "report", args.data_root)
-    except (CheckpointError, ConfigError, DatasetError) as err:
+    except (CheckpointError, ConfigError, DatasetError, UnreadableFile) as err:
         return refuse(err)
     except OSError as err:  # a path too long, a folder that cannot be written
         return refuse(f"{err.filename}: {err.strerror}")

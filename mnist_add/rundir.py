@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_add.config import flatten, to_dict, upgraded
+from mnist_add.config import ConfigError, flatten, read_yaml, to_dict, upgraded
+from mnist_add.files import UnreadableFile, present, read_json
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +124,15 @@ def completed_run(cfg: DictConfig) -> dict | None:
     if cfg.trainer.resume == "never" and has_results(run_dir):
         raise RunDirError(f"trainer.resume=never but {run_dir} already holds a run; use a new run.dir, "
                           f"or trainer.resume=auto to continue it")
-    summary_path, config_path = run_dir / SUMMARY_NAME, run_dir / CONFIG_NAME
-    summary = read_summary(summary_path)
-    if summary is None or summary["status"] != "completed":
+    config_path = run_dir / CONFIG_NAME
+    if (summary := completed_summary(run_dir / SUMMARY_NAME)) is None:
         return None
     try:
-        saved = flatten(to_dict(upgraded(OmegaConf.load(config_path)))) if config_path.is_file() else {}
+        saved = flatten(to_dict(upgraded(read_yaml(config_path)))) if present(config_path) else {}
     except OmegaConfBaseException:  # written with a key this version no longer has: another run
         return None
-    except (yaml.YAMLError, ValueError, OSError) as err:  # damaged: training on rewrites it
-        log.warning("%s is damaged (%s): resuming, which writes it again", config_path, type(err).__name__)
+    except ConfigError as err:  # damaged: the checkpoints say what the run is, and config.yaml is written again
+        log.warning("%s; resuming from the checkpoints as for an unfinished run", err)
         return None
     ours = flatten(to_dict(cfg))
     same = all(saved.get(key) == ours.get(key) for key in set(saved) | set(ours)
@@ -141,41 +140,23 @@ def completed_run(cfg: DictConfig) -> dict | None:
     return summary if same else None
 
 
-def read_summary(path: Path) -> dict | None:
-    """A run's summary.json, None when there is none. A damaged one (not JSON, or not a summary) is said in a warning
-    and read as none: the run's checkpoints are what count, and finishing the run again writes it anew."""
-    if not path.exists():
+def completed_summary(path: Path) -> dict | None:
+    """The summary at `path` when it says its run completed, else None. A damaged one is said in a warning and taken
+    as unfinished: the run then resumes from its last checkpoint, and completing writes the summary again."""
+    if not present(path):
         return None
-    if not path.is_file():
-        raise RunDirError(f"{path} is not a regular file; remove it, and the run writes its summary there again")
     try:
-        summary = json.loads(path.read_bytes())
-    except (ValueError, OSError) as err:  # not UTF-8, not JSON, unreadable
-        log.warning("%s is damaged (%s): the run finishes again from its newest checkpoint and rewrites it", path,
-                    type(err).__name__)
-        return None
-    if not _is_summary(summary):
-        log.warning("%s is not a summary this version wrote: the run finishes again from its newest checkpoint and "
-                    "rewrites it", path)
+        summary = read_json(path)
+        if not isinstance(summary, dict):
+            raise TypeError(f"a {type(summary).__name__}, not a JSON object")
+        if summary.get("status") != "completed":
+            return None
+        summary_line(summary)  # the scores every tool reads, of the types they have
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:  # ValueError: UnreadableFile too
+        log.warning("%s; taking the run as unfinished", err if isinstance(err, UnreadableFile)
+                    else f"{path} holds no complete scores ({type(err).__name__}: {err})")
         return None
     return summary
-
-
-def _is_summary(value: Any) -> bool:
-    """The fields that a relaunch and summary_line read, of the right types."""
-    if not (isinstance(value, dict) and value.get("status") in ("completed", "stopped")):
-        return False
-    if value["status"] != "completed":
-        return True
-    scores = value.get("test")
-    return isinstance(value.get("step"), int) and isinstance(scores, dict) and all(
-        isinstance(scores.get(key), (int, float)) for key in ("acc_digit", "acc_sum", "acc_both")) and (
-        "best" not in value or _is_best(value["best"]))
-
-
-def _is_best(best: Any) -> bool:
-    return isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("test"), dict) \
-        and isinstance(best["test"].get("acc_sum"), (int, float))
 
 
 def write_config(cfg: DictConfig) -> None:

@@ -15,9 +15,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mnist_add import checkpoint
 from mnist_add.config import SumLoss, upgraded
-from mnist_add.data import NUM_ADDENDS, NUM_SUMS, DatasetError, MNISTAdd
+from mnist_add.data import DatasetError, MNISTAdd
 from mnist_add.distributed import Runtime, all_reduce_sum
 from mnist_add.model import NUM_DIGITS, AddNet, build_model, task_losses
+from mnist_add.task import NUM_ADDENDS, NUM_SUMS
 
 
 @dataclass

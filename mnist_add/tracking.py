@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mnist_add.config import WandbMode, to_dict
+from mnist_add.files import read_bytes
 from mnist_add.rundir import METRICS_NAME, strict_json
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,19 @@ def _record(line: bytes) -> dict[str, Any] | None:
     return record if is_record else None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl; lines that are not records (the last one cut short by a crash, or damage,
-    which a warning counts) are skipped."""
-    path = Path(run_dir) / METRICS_NAME
-    lines = path.read_bytes().splitlines(keepends=True)
+def metrics_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(the records of a metrics.jsonl, how many of its lines are not records): damage, for a last line cut short
+    by a crash is not counted. UnreadableFile where the path is no regular file."""
+    lines = read_bytes(path).splitlines(keepends=True)
     records = [record for record in map(_record, lines) if record is not None]
-    if damaged := len(lines) - len(records) - (not lines[-1].endswith(b"\n") if lines else 0):
+    return records, len(lines) - len(records) - (bool(lines) and not lines[-1].endswith(b"\n"))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; lines that are not records are skipped, damage with a warning."""
+    path = Path(run_dir) / METRICS_NAME
+    records, damaged = metrics_records(path)
+    if damaged:
         log.warning("%s: skipped %d line(s) that are not records", path, damaged)
     return records
 

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mnist_add import checkpoint, distributed
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
-from mnist_add.config import ConfigError, flatten, parse_args, to_dict, upgraded
+from mnist_add.config import ConfigError, flatten, parse_args, refuse, to_dict, upgraded
 from mnist_add.data import DatasetError, GlobalBatchSampler, MNISTAdd, Splits, build_datasets
 from mnist_add.distributed import Runtime, StopSignals
 from mnist_add.scoring import Evaluation, evaluate, model_from
@@ -490,7 +490,10 @@ def setup_logging(rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when done or stopped with a checkpoint, 1 when training diverged or a peer rank hung or died,
     2 for what the user can fix, 130 on a second Ctrl-C."""
-    rank, local_rank, _ = distributed.launcher_ranks()
+    try:
+        rank, local_rank, _ = distributed.launcher_ranks()
+    except ConfigError as err:  # a malformed launcher environment: no rank to log as, so every process says it
+        return refuse(err)
     setup_logging(rank)
     # What every rank finds alike is said once a node, by its first rank; the others end with the same code.
     say_once = log.error if local_rank == 0 else log.debug

@@ -58,8 +58,10 @@ HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: the hold of MNIST_ADD_TEST
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of a process the tests start: one thread, the test hooks importable."""
-    path = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
+    """The environment of a process the tests start: one thread, the test hooks importable, and this checkout's
+    code the one imported. The hooks import mnist_add at start-up, before Python puts the working folder on its
+    path, where an editable install would otherwise hand them the code of the clone it was installed from."""
+    path = os.pathsep.join(filter(None, [str(HOOKS), str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 

@@ -1,4 +1,6 @@
 import logging
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,6 +84,16 @@ def test_an_empty_folder_means_a_fresh_start(tmp_path):
 def test_loading_a_missing_file_names_it(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("name, kind", [("fifo.pt", "a FIFO (named pipe)"), ("/dev/zero", "a device"),
+                                        ("/dev/urandom", "a device"), ("link.pt", "a dangling link (to gone.pt)")])
+def test_a_fifo_a_device_or_a_dangling_link_is_said_so_and_never_opened(name, kind, tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")  # opening it would wait for a writer forever
+    (tmp_path / "link.pt").symlink_to("gone.pt")
+    path = tmp_path / name
+    with pytest.raises(CheckpointError, match=f"^checkpoint {path} is {re.escape(kind)}, not a regular file; pass a "):
+        load(path)
 
 
 def test_save_atomic_replaces_the_file_whole(tmp_path):

@@ -3,7 +3,9 @@
 import json
 import subprocess
 
-from job.cluster import member_states, slurm_states
+import pytest
+
+from job.cluster import SweepIndexError, member_states, slurm_states
 
 
 def test_pending_array_tasks_have_their_state_though_sacct_shows_them_as_one_line(monkeypatch):
@@ -33,3 +35,15 @@ def test_each_recorded_member_is_named_by_its_slurm_state(tmp_path):
 
 def test_a_folder_without_a_sweep_index_has_no_members(tmp_path):
     assert member_states(tmp_path, lambda ids: {}) == {}
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"\x00\xff", "is not text"), (b'{"members": ', "is not valid JSON"),
+    (b'{"members": {"m0": {"job_id": 7}}}', 'is not of the form {"members": {name: {"job_id": "..."}}}'),
+])
+def test_a_damaged_sweep_index_is_one_error_naming_it_not_a_sweep_without_jobs(content, said, tmp_path):
+    (tmp_path / "sweep.json").write_bytes(content)
+    with pytest.raises(SweepIndexError) as refused:
+        member_states(tmp_path, lambda ids: {})
+    assert str(refused.value).startswith(f"sweep index {tmp_path}/sweep.json {said}")
+    assert str(refused.value).endswith("delete it (members whose jobs are still queued are then submitted again)")

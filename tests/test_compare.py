@@ -1,6 +1,7 @@
 """mnist_add.compare on crafted run directories: statistics, grouping, partial sweeps, JSON and figures."""
 
 import json
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -236,3 +237,45 @@ def test_members_that_evaluated_once_show_a_mean_with_its_bar_and_each_member(tm
     assert [y for _, y in bar.lines[2][0].get_segments()[0]] == pytest.approx([80.0, 84.0])  # ± 1 std
     assert sorted(ax.lines[0].get_ydata()) == pytest.approx([80.0, 82.0, 84.0])  # each member
     assert [t.get_text() for t in ax.get_xticklabels()] == ["all\nn=3, step 16"]
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda path: path.write_bytes(b"\x00\xff\xfe binary"), "is not text (byte 1 is not UTF-8)"),
+    (lambda path: path.write_text('{"status": "compl'), "is not valid JSON"),
+    (lambda path: path.write_text("[1, 2]"), "holds [1, 2], not a JSON object"),
+    (lambda path: path.write_text(json.dumps({"status": "completed", "test": {"acc_digit": "high"}})),
+     "holds 'high' at test.acc_digit, where a number from 0 to 1 belongs"),
+    (lambda path: path.write_text(json.dumps({"status": "completed", "test": [0.9]})),
+     "holds [0.9] at test, where an object of scores belongs"),
+    (lambda path: path.write_text('{"status": "completed", "test": {"acc_digit": 1e999}}'), "holds inf at test"),
+    (os.mkfifo, "is a FIFO (named pipe), not a file"),  # never opened: that would wait for a writer
+])
+def test_a_damaged_summary_leaves_its_member_out_with_a_warning_and_the_others_are_compared(damage, said, sweep, capsys):
+    damaged = sweep / "heads-joint_seed-2" / "summary.json"
+    damaged.unlink()
+    damage(damaged)
+    assert main([str(sweep), "--json"]) == 0
+    printed, err = capsys.readouterr()
+    assert err.startswith(f"warning: {damaged} {said}") and err.endswith("; heads-joint_seed-2 is left out\n"), err
+    assert err.count("\n") == 1
+    result = json.loads(printed)
+    assert {"dir": str(damaged.parent), "status": "damaged"} in result["excluded"]
+    assert [(g["values"]["model.heads"], g["n"]) for g in result["groups"]] == [("joint", 2), ("separate", 2)]
+
+
+def test_a_damaged_config_yaml_leaves_its_member_out_with_a_warning(sweep, capsys):
+    damaged = sweep / "heads-joint_seed-2" / "config.yaml"
+    damaged.write_text("model: &m {heads: joint}\nloss: *m\n")  # an alias: refused, never expanded
+    assert main([str(sweep)]) == 0
+    printed, err = capsys.readouterr()
+    assert err == f"warning: config file {damaged} uses the YAML alias *m: aliases are not allowed, as a few can " \
+                  f"expand into billions of values; write the values out; heads-joint_seed-2 is left out\n"
+    assert f"damaged: {damaged.parent} (left out)" in printed
+
+
+def test_a_damaged_sweep_index_leaves_the_job_states_unknown_with_a_warning(sweep, capsys):
+    (sweep / "sweep.json").write_bytes(b"\x89binary")
+    assert main([str(sweep)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: sweep index {sweep}/sweep.json is not text") and err.count("\n") == 1, err
+    assert err.endswith(f"the job states of {sweep} are unknown\n")

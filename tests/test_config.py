@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -76,6 +77,67 @@ def test_a_config_file_with_invalid_yaml_names_the_file_and_the_line(tmp_path):
     bad.write_text("trainer:\n  epochs: 3\n  batch_size: [64\n")
     with pytest.raises(ConfigError, match=rf"config file {re.escape(str(bad))} is not valid YAML: .* at line 4"):
         load_config([str(bad)])
+
+
+def test_a_yaml_alias_is_refused_naming_the_file(tmp_path):
+    # Harmless here, but a few nested aliases expand a file of 400 bytes into billions of values (test_fuzz runs one).
+    aliased = tmp_path / "aliased.yaml"
+    aliased.write_text("run:\n  dir: &where runs/x\nwandb:\n  dir: *where\n")
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(aliased))} uses the YAML alias \*where"):
+        load_config([str(aliased)])
+
+
+def test_a_number_too_long_to_read_names_its_key_in_one_short_line(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        load_config([], ["trainer.epochs=" + "9" * 100_000])
+    assert str(refused.value).startswith("the value of 'trainer.epochs' holds a number too long to read")
+    assert len(str(refused.value)) < 200
+    (tmp_path / "long.yaml").write_text("trainer:\n  seed: " + "9" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(tmp_path))}/long.yaml holds a number too long"):
+        load_config([str(tmp_path / "long.yaml")])
+
+
+@pytest.mark.parametrize("kind, made_by, message", [
+    ("a directory", lambda path: path.mkdir(), "is a directory"),
+    ("a FIFO", os.mkfifo, "is a FIFO"),  # never opened: that would wait for a writer
+    ("a device", lambda path: path.symlink_to("/dev/zero"), "is a device"),  # never read: it never ends
+    ("a dangling link", lambda path: path.symlink_to("nowhere.yaml"), "is a dangling link (to nowhere.yaml)"),
+])
+def test_a_config_path_that_is_no_file_says_what_it_is(kind, made_by, message, tmp_path):
+    made_by(tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path}/config.yaml {message}")):
+        load_config([str(tmp_path / "config.yaml")])
+
+
+@pytest.mark.parametrize("override", ["run.dir=runs/a\nb", "data.root=/data\r", "wandb.name=\x1b[31mred"])
+def test_a_control_character_in_a_value_is_refused_by_key(override):
+    # YAML would fold the line break of run.dir=runs/a<newline>b into a space: the run would land in 'runs/a b'.
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError, match=re.escape(f"the value of {key!r} holds the control character")):
+        load_config([], [override])
+
+
+def test_a_control_character_in_a_config_file_is_refused_by_key(tmp_path):
+    (tmp_path / "quoted.yaml").write_text('run:\n  dir: "runs/a\\nb"\n')
+    with pytest.raises(ConfigError, match=re.escape("run.dir holds the control character '\\n'")):
+        load_config([str(tmp_path / "quoted.yaml")])
+
+
+def test_an_unset_environment_variable_names_the_key_that_uses_it():
+    with pytest.raises(ConfigError, match=r"Environment variable 'NO_SUCH_VAR_32' not found.* \(at data.root\)"):
+        load_config([], ["data.root=${oc.env:NO_SUCH_VAR_32}"])
+
+
+def test_a_wrong_type_in_a_config_file_names_the_file_and_the_key(tmp_path):
+    (tmp_path / "typed.yaml").write_text("trainer:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=rf"trainer.epochs.* in config file {re.escape(str(tmp_path))}/typed.yaml"):
+        load_config([str(tmp_path / "typed.yaml")])
+
+
+def test_yaml_nested_too_deep_is_one_line(tmp_path):
+    (tmp_path / "deep.yaml").write_text("run: " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="deep.yaml nests lists or mappings more than 32 deep"):
+        load_config([str(tmp_path / "deep.yaml")])
 
 
 def test_the_launcher_sections_are_range_checked_too():

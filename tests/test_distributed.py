@@ -3,7 +3,9 @@
 import json
 import logging
 import os
+import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ from conftest import run_module, start_and_wait_for_checkpoint, torchrun, wait_u
 from mnist_add import checkpoint
 from mnist_add.checkpoint import Checkpointer
 from mnist_add.config import ConfigError, DistConfig
-from mnist_add.distributed import StopSignals, choose_device, local_world_size, setup, stop_signals
+from mnist_add.distributed import (RankZeroNeverCame, StopSignals, choose_device, explain_collective_failure,
+                                   launcher_ranks, local_world_size, rendezvous_env, setup, stop_signals,
+                                   wait_for_rank_zero)
 
 # 64 steps on 2 ranks; a job started by start_long_job holds after its checkpoint at step HOLD until a
 # rank is asked to stop, and then stops at the next step where the ranks agree, STOP (a log step).
@@ -293,3 +297,93 @@ def test_a_mistake_every_rank_makes_is_said_once(data_root, tmp_path):
     said = "trainer.batch_size=33 is the global batch and must divide evenly over 2 processes"
     assert result.stderr.count(said) == 1, result.stderr[-3000:]
     assert not (tmp_path / "config.yaml").exists()
+
+
+TORCHRUN_ENV = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+                "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+SRUN_ENV = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+            "SLURM_STEP_NODELIST": "node[0-1]", "SLURM_JOB_ID": "4321", "MASTER_ADDR": "node0"}
+
+
+def test_the_environments_launchers_make_are_taken_as_they_are():
+    assert launcher_ranks(TORCHRUN_ENV) == (5, 1, 8) and local_world_size(TORCHRUN_ENV) == 4
+    assert rendezvous_env(TORCHRUN_ENV) == {"MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    assert launcher_ranks(SRUN_ENV) == (3, 1, 4) and local_world_size(SRUN_ENV) == 2
+    assert rendezvous_env(SRUN_ENV) == {"MASTER_ADDR": "node0", "MASTER_PORT": str(20_000 + 4321)}
+    assert rendezvous_env({**SRUN_ENV, "SLURM_JOB_ID": "4294967295"})["MASTER_PORT"] == str(20_000 + 7295)
+    assert launcher_ranks({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}) == (0, 0, 1)  # one task: one process
+    assert launcher_ranks({}) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 must be below WORLD_SIZE=2"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK=abc is not a whole number from 0 to 2147483647"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+    ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "-2"}, "WORLD_SIZE=-2 is not a whole number from 1"),
+    ({"RANK": "0", "WORLD_SIZE": "9" * 5000}, "WORLD_SIZE=99999999999999999999... (5000 characters) is not a whole"),
+    ({"RANK": " 1\n", "WORLD_SIZE": "2"}, r"RANK=' 1\n' is not a whole number"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 cannot exceed RANK=1"),
+    ({**SRUN_ENV, "SLURM_PROCID": "4"}, "SLURM_PROCID=4 must be below SLURM_STEP_NUM_TASKS=4"),
+    ({**SRUN_ENV, "SLURM_STEP_NUM_TASKS": ""}, "SLURM_STEP_NUM_TASKS='' is not a whole number from 1"),
+    ({key: value for key, value in SRUN_ENV.items() if key != "SLURM_LOCALID"}, "SLURM_LOCALID is not set"),
+])
+def test_an_environment_no_launcher_makes_is_one_line_naming_the_variable(env, said):
+    with pytest.raises(ConfigError) as refused:
+        launcher_ranks(env)
+    assert str(refused.value).startswith(said) and "\n" not in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "1"}, "LOCAL_WORLD_SIZE=1 must exceed the local rank (1)"),
+    ({**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "9"}, "LOCAL_WORLD_SIZE=9 must exceed the local rank (1) and be at most"),
+])
+def test_a_node_of_more_ranks_than_the_job_or_fewer_than_its_local_rank_is_refused(env, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        local_world_size(env)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set, though WORLD_SIZE=2"),
+    ({**TORCHRUN_ENV, "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a whole number from 1 to 65535"),
+    ({**TORCHRUN_ENV, "MASTER_ADDR": "two hosts"}, "MASTER_ADDR='two hosts' is not a host name or address"),
+    ({**SRUN_ENV, "SLURM_JOB_ID": "x"}, "SLURM_JOB_ID=x is not a whole number"),
+])
+def test_a_rendezvous_address_missing_or_malformed_is_refused_before_it_is_tried(env, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        rendezvous_env(env)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "error: RANK=5 must be below WORLD_SIZE=2"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "error: RANK=abc is not a whole number"),
+    ({"WORLD_SIZE": "2"}, "error: WORLD_SIZE=2 is set but RANK is not"),  # it trained as one process
+])
+def test_a_launcher_mistake_ends_in_one_line_and_exit_2_before_any_rendezvous(env, said, data_root, tmp_path):
+    result = run_module("mnist_add.train", *train_args(data_root, tmp_path / "run"), "trainer.max_steps=1",
+                        env=env)
+    assert result.returncode == 2 and said in result.stderr and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:  # nobody listens on it once closed
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_lone_rank_0_ends_after_the_timeout_in_one_line_naming_the_rank_that_never_came(data_root, tmp_path):
+    result = run_module("mnist_add.train", *train_args(data_root, tmp_path / "run"), "dist.timeout_s=1",
+                        env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert re.search(r"rank 0 of 2 waited \d+ s \(dist.timeout_s\) for the other ranks to join it at MASTER_ADDR:"
+                     r"MASTER_PORT, but rank 1 never came", result.stderr), result.stderr
+
+
+def test_a_rank_whose_rank_0_never_listens_gives_up_after_the_timeout_in_one_line():
+    port = free_port()
+    with pytest.raises(RankZeroNeverCame) as gave_up:
+        wait_for_rank_zero("127.0.0.1", port, 0.3, "rank 1 of 2")
+    assert explain_collective_failure(gave_up.value) == str(gave_up.value)
+    assert str(gave_up.value).startswith(f"rank 1 of 2 could not reach rank 0 at 127.0.0.1:{port} within 0.3 s "
+                                         f"(dist.timeout_s): rank 0 never came")

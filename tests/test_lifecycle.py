@@ -38,7 +38,7 @@ from mnist_add import checkpoint
 from mnist_add.agreement import Agreement
 from mnist_add.checkpoint import Checkpointer, CheckpointError
 from mnist_add.config import load_config
-from mnist_add.rundir import METRICS_NAME, SUMMARY_NAME, RunDirError, read_summary
+from mnist_add.rundir import METRICS_NAME, SUMMARY_NAME, RunDirError, completed_summary
 from mnist_add.tracking import DAMAGED_SUFFIX, _record
 from mnist_add.train import train
 
@@ -191,7 +191,7 @@ class RunDirLife(RuleBasedStateMachine):
             elif path.name == METRICS_NAME:
                 assert all(_record(line) for line in path.read_bytes().splitlines(keepends=True)), path
             elif path.name == SUMMARY_NAME:
-                assert read_summary(path)["status"] == "completed", path
+                assert completed_summary(path) is not None, path
             else:
                 assert path.name in ("config.yaml", METRICS_NAME + DAMAGED_SUFFIX), path
         steps = Checkpointer(self.run_dir / "checkpoints", KEEP, write=False).step_paths()

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from PIL import Image
 from conftest import run_module
 from mnist_add.data import MEAN, STD, MNISTAdd
 from mnist_add.scoring import load_model
-from mnist_add.predict import main, predict, prepare_image, read_image
+from mnist_add.predict import main
+from mnist_add.prediction import predict, prepare_image, read_image
 from mnist_add.train import train
 
 NUM_IMAGES = 20  # the first test images: nine of the ten digits, well under a second of work
@@ -157,6 +159,7 @@ def not_an_image(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("unreadable image", "cannot read image"), ("missing image", "cannot read image"),
     ("addend 10", "ADDEND: must be an integer 0..9"), ("image and --index", "--index N or an IMAGE, not both"),
+    ("image, then --index", "--index N or an IMAGE, not both"),  # not 'unrecognized arguments: 3', the valid addend
     ("addend forgotten", "the ADDEND (0..9) is missing after IMAGE"), ("image forgotten", "give an IMAGE file"),
     ("missing checkpoint", "does not exist"), ("corrupt checkpoint", "truncated or corrupt"),
     ("index out of range", "out of range")])
@@ -166,6 +169,7 @@ def test_cli_bad_input_is_a_one_line_error(case, message, trained, not_an_image,
             "missing image": [str(checkpoint), str(tmp_path / "missing.png"), "3"],
             "addend 10": [str(checkpoint), "--index", "0", "10"],
             "image and --index": [str(checkpoint), "--index", "0", not_an_image, "3"],
+            "image, then --index": [str(checkpoint), not_an_image, "--index", "0", "3"],
             "addend forgotten": [str(checkpoint), not_an_image],
             "image forgotten": [str(checkpoint), "3"],
             "missing checkpoint": [str(tmp_path / "missing.pt"), "--index", "0", "3"],
@@ -174,6 +178,20 @@ def test_cli_bad_input_is_a_one_line_error(case, message, trained, not_an_image,
     code, out, err = run_cli(capsys, "--checkpoint", *args)
     assert code != 0 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("case, said", [("missing checkpoint", "checkpoint {tmp}/missing.pt does not exist"),
+                                        ("missing image", "cannot read image {tmp}/missing.png: it does not exist"),
+                                        ("image a folder", "cannot read image {tmp}: it is a directory, not an image file")])
+def test_a_mistyped_path_is_said_before_torch_is_imported(case, said, not_an_image, tmp_path):
+    args = {"missing checkpoint": [str(tmp_path / "missing.pt"), "--index", "0", "3"],
+            "missing image": [not_an_image, str(tmp_path / "missing.png"), "3"],  # a checkpoint is read after torch
+            "image a folder": [not_an_image, str(tmp_path), "3"]}[case]
+    result = run_module("mnist_add.predict", "--checkpoint", *args, launcher=(sys.executable, "-X", "importtime"))
+    *imports, line = result.stderr.splitlines()
+    assert result.returncode == 2 and line == f"error: {said.format(tmp=tmp_path)}", result.stderr[-2000:]
+    imported = {entry.rpartition("|")[2].strip() for entry in imports}
+    assert "omegaconf" in imported and "torch" not in imported
 
 
 def test_an_error_on_the_command_line_is_one_line_without_traceback(trained, not_an_image):

@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,43 @@ def test_misclassified_captions_read_prediction_then_sum_with_the_truth_beside_e
     assert figure.get_suptitle() == "1 of 36 errors, best.pt, 10000 test pairs"
     assert figure.axes[0].get_title() == "pred 0 (true 6)\n0+1 \u2192 1 (true 7)"
     assert draw_misclassified([], 0, mnist_test, "t").get_suptitle() == "no errors, t"
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda path: path.write_bytes(b"\x00\xff\xfe"), "holds no record: none of its lines is a JSON object with a "
+                                                      "step (binary, cut, or another program's); restore it, or "
+                                                      "delete its damaged lines"),
+    (lambda path: path.write_text("9" * 5000 + "\n"), "holds no record: none of its lines is a JSON object with a "
+                                                      "step (binary, cut, or another program's); restore it, or "
+                                                      "delete its damaged lines"),
+    (os.mkfifo, "is a FIFO (named pipe), not a file"),  # never read: that would wait for a writer
+    (lambda path: path.symlink_to("/dev/zero"), "is a device, not a file"),  # never read: it would never end
+    (lambda path: path.mkdir(), "is a directory, not a file"),
+])
+def test_a_metrics_file_that_cannot_be_read_is_one_line_naming_it(make, said, tmp_path, capsys):
+    make(tmp_path / "metrics.jsonl")
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/metrics.jsonl {said}\n"
+    assert not (tmp_path / "report").exists()
+
+
+def test_records_that_are_not_metrics_are_left_out_with_a_warning(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('[1, 2]\n{"step": "ten", "train/loss": 1}\n{"step": 30, "train/loss": "low"}\n')
+    records = len(read_metrics(run))
+    assert main([str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert [Path(line).name for line in out.splitlines()] == list(CURVES)
+    assert err.startswith(f"warning: {run}/metrics.jsonl: 3 of its {records + 2} lines are not metrics (a step and "
+                          f"numbers) and are left out of the figures\n"), err
+
+
+def test_a_config_yaml_that_is_a_fifo_is_one_line_naming_it(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoints", "config.yaml"))
+    os.mkfifo(run / "config.yaml")
+    assert main([str(run)]) == 2
+    assert capsys.readouterr().err == f"error: config file {run}/config.yaml is a FIFO (named pipe); a config is a " \
+                                      f"YAML file\n"

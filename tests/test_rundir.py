@@ -73,6 +73,7 @@ def test_resume_never_on_a_run_dir_with_only_best_pt_is_refused_and_changes_noth
     for path in (run_dir / "checkpoints").glob("step-*.pt"):
         path.unlink()
     before = snapshot(run_dir)
+    capsys.readouterr()  # what the first run said is not the answer under test
     assert main(cli_args(data_root, run_dir, "trainer.resume=never")) == 2
     assert "trainer.resume=never but" in one_error_line(capsys.readouterr().err)
     assert snapshot(run_dir) == before
@@ -214,16 +215,40 @@ def test_a_damaged_summary_is_said_and_the_run_finishes_again_from_its_checkpoin
     summary = train(cfg)
     (tmp_path / "run/summary.json").write_bytes(damage)
     again = train(cfg)
-    assert f"{tmp_path / 'run/summary.json'} is" in caplog.text
+    assert f"{tmp_path / 'run/summary.json'}" in caplog.text and "taking the run as unfinished" in caplog.text
     assert again["resumed_from"].endswith("step-00000016.pt")
     assert json.loads((tmp_path / "run/summary.json").read_text()) == again
     assert all(again[key] == summary[key] for key in ("test", "val", "best"))
 
 
-def test_a_damaged_config_yaml_of_a_completed_run_is_written_again(make_cfg, tmp_path, caplog):
+def test_a_damaged_config_yaml_of_a_completed_run_is_written_again_by_its_resumption(make_cfg, tmp_path, caplog):
     cfg = make_cfg()
     train(cfg)
     (tmp_path / "run/config.yaml").write_bytes(b"\xff\xfe: [")
     train(cfg)
-    assert "config.yaml is damaged" in caplog.text
+    assert "config.yaml is not text" in caplog.text and "resuming from the checkpoints" in caplog.text
     assert OmegaConf.load(tmp_path / "run/config.yaml").run.dir == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("summary, said", [
+    (b"\x00\xff", "summary.json is not text (byte 1 is not UTF-8)"),
+    (b'{"status": "completed", "test": {"acc_digit": "x", "acc_sum": "x", "acc_both": "x"}}',
+     "summary.json holds no complete scores (ValueError"),
+    (b'["completed"]', "summary.json holds no complete scores (TypeError: a list, not a JSON object)"),
+])
+def test_a_damaged_summary_is_said_and_the_run_taken_as_unfinished(summary, said, data_root, tmp_path, caplog):
+    # Unfinished, it resumes from its last checkpoint, and completing writes summary.json again.
+    cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
+    (tmp_path / "summary.json").write_bytes(summary)
+    assert completed_run(cfg) is None
+    assert f"{tmp_path}/{said}" in caplog.text and "taking the run as unfinished" in caplog.text
+
+
+def test_a_damaged_config_yaml_of_a_completed_run_is_said_and_the_run_resumed(data_root, tmp_path, caplog):
+    cfg = load_config(["debug"], [f"data.root={data_root}", f"run.dir={tmp_path}"])
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "test": {
+        "acc_digit": 0.9, "acc_sum": 0.9, "acc_both": 0.9}}))
+    (tmp_path / "config.yaml").write_bytes(b"\x89binary")
+    assert completed_run(cfg) is None
+    assert f"config file {tmp_path}/config.yaml is not text" in caplog.text and "resuming from the checkpoints" \
+        in caplog.text
