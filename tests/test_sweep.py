@@ -96,7 +96,8 @@ def test_a_bad_value_in_a_list_is_named(tmp_path, axis, message):
 
 
 def write_summary(run_dir: Path, status: str = "completed"):
-    (run_dir / "summary.json").write_text(json.dumps({"status": status, "test": {}}))
+    scores = {"acc_digit": 0.9, "acc_sum": 0.9, "acc_both": 0.9}
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "step": 2, "test": scores}))
 
 
 def test_finished_members_are_skipped_and_unfinished_or_changed_ones_run(tmp_path):
