@@ -333,13 +333,25 @@ _CLOSES = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndTok
 def _explain(err: OmegaConfBaseException, schema: type) -> str:
     """OmegaConf's first line, the full key, and for an unknown key the closest known one."""
     message, full_key = str(err).splitlines()[0], getattr(err, "full_key", None) or ""
-    if isinstance(err, ConfigKeyError) and full_key:
-        parent, _, key = full_key.rpartition(".")
-        section = OmegaConf.select(OmegaConf.structured(schema), parent) if parent else OmegaConf.structured(schema)
-        close = difflib.get_close_matches(key, list(section.keys()) if section is not None else [], n=1)
-        if close:
-            message += f"; did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
+    if isinstance(err, ConfigKeyError) and full_key and (close := _closest_keys(full_key, schema)):
+        message += f"; did you mean {' or '.join(close)}?"
     return f"invalid config: {message}" + (f" (at {full_key})" if full_key else "")
+
+
+def _closest_keys(full_key: str, schema: type) -> list[str]:
+    """The known key closest to an unknown one in its section; at the top, where a section was forgotten
+    (`epochs=3`), every section's key of the closest name."""
+    parent, _, key = full_key.rpartition(".")
+    root = OmegaConf.structured(schema)
+    section = OmegaConf.select(root, parent) if parent else root
+    names = list(section.keys()) if isinstance(section, DictConfig) else []
+    if close := difflib.get_close_matches(key, names, n=1):
+        return [".".join(filter(None, [parent, close[0]]))]
+    if parent:
+        return []
+    leaves = [(leaf, f"{name}.{leaf}") for name in names if isinstance(root[name], DictConfig) for leaf in root[name]]
+    close = difflib.get_close_matches(key, sorted({leaf for leaf, _ in leaves}), n=1)
+    return [full for leaf, full in leaves if close and leaf == close[0]]
 
 
 def _existing(path: str) -> Path:

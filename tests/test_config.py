@@ -25,6 +25,19 @@ def test_a_typo_in_a_key_names_it_and_suggests_the_right_one():
         load_config([], ["trainer.epoch=3"])
 
 
+@pytest.mark.parametrize("override, meant", [("epochs=3", "trainer.epochs"), ("lr=0.1", "optim.lr"),
+                                             ("epoch=3", "trainer.epochs")])
+def test_a_key_without_its_section_names_the_section_it_belongs_to(override, meant):
+    with pytest.raises(ConfigError, match=rf"did you mean {re.escape(meant)}\?"):
+        load_config([], [override])
+
+
+def test_a_key_no_section_has_suggests_nothing():
+    with pytest.raises(ConfigError) as err:
+        load_config([], ["zzz=1"])
+    assert "did you mean" not in str(err.value)
+
+
 def test_a_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match=r"'abc'.*trainer\.epochs"):
         load_config([], ["trainer.epochs=abc"])
