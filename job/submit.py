@@ -60,7 +60,8 @@ class JobConfig:
     max_num_timeout: int = ranged(3, ge=0)  # requeues after reaching the time limit (preemptions do not count)
     name: str = "mnist-add"
     log_dir: str | None = None  # submitit's logs and pickles (default: <run.dir>/submitit)
-    array_parallelism: int = ranged(4, ge=1)  # a sweep: at most this many members run at once
+    # A sweep: at most this many members run at once; locally, also no more than the CPUs hold (trainer.num_threads)
+    array_parallelism: int = ranged(4, ge=1)
     max_array_size: int = ranged(0, ge=0)  # a sweep: members per SLURM array (0: the cluster's MaxArraySize)
 
 
@@ -106,7 +107,9 @@ class Trainer(submitit.helpers.Checkpointable):
 
 def build_executor(cfg: JobConfig, run_dir: str) -> submitit.AutoExecutor:
     tasks = cfg.gpus_per_node or cfg.tasks_per_node
-    executor = submitit.AutoExecutor(folder=cfg.log_dir or str(Path(run_dir) / "submitit" / "%j"),
+    # A local job's files are named by its process id: no folder per job, which submitit would create as `%j`.
+    per_job = "%j" if cfg.cluster == Cluster.slurm else ""
+    executor = submitit.AutoExecutor(folder=cfg.log_dir or str(Path(run_dir) / "submitit" / per_job),
                                      cluster=cfg.cluster.value, slurm_max_num_timeout=cfg.max_num_timeout)
     slurm_only = {"partition": cfg.partition, "account": cfg.account, "qos": cfg.qos, "constraint": cfg.constraint}
     executor.update_parameters(
@@ -133,45 +136,69 @@ def check_slurm(cluster: Cluster) -> None:
 
 
 def submit_sweep(plan: sweep.SweepPlan, cfg: JobConfig, wait: bool) -> int:
-    """Each array of members to run as one SLURM job array; locally, at most array_parallelism at a time."""
+    """Each array of members to run as one SLURM job array; locally, as processes on this machine."""
     print(f"sweep {plan.name}: {len(plan.to_run)} to run, {len(plan.finished)} finished and "
-          f"{len(plan.running)} queued or running (skipped)")
+          f"{len(plan.running)} queued or running (skipped)", flush=True)
     if not plan.to_run:
         return 0
     executor = build_executor(cfg, str(plan.directory))
+    if cfg.cluster != Cluster.slurm:
+        return run_locally(plan, executor, local_parallelism(cfg, plan))
     executor.update_parameters(slurm_array_parallelism=cfg.array_parallelism)
-    local = cfg.cluster != Cluster.slurm
     jobs = []
-    for members in sweep.split(plan.to_run, cfg.array_parallelism if local else cfg.max_array_size or max_array_size()):
+    for members in sweep.split(plan.to_run, cfg.max_array_size or max_array_size()):
         with executor.batch():
             jobs += [executor.submit(Trainer(training_config(member.cfg))) for member in members]
-        for job in jobs[-len(members):] if local else []:  # no scheduler to hold the rest back
-            job.wait()
     arrays = ",".join(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
-    if not local:  # local job ids are process ids: SLURM knows nothing of them
-        sweep.record_jobs(plan, {member.name: job.job_id for member, job in zip(plan.to_run, jobs)})
-    print(f"submitted {'job(s)' if local else 'array(s)'} {arrays}\n" +
+    sweep.record_jobs(plan, {member.name: job.job_id for member, job in zip(plan.to_run, jobs)})
+    print(f"submitted array(s) {arrays}\n" +
           "".join(f"  {m.name}: job {j.job_id}, logs {j.paths.stderr}\n" for m, j in zip(plan.to_run, jobs)) +
-          (f"  follow: squeue -j {arrays}; sacct -X -j {arrays}\n" if not local else "") +
-          f"  compare: python -m mnist_add.compare {plan.directory}")
-    return wait_for_sweep(plan, jobs) if wait else 0
+          f"  follow: squeue -j {arrays}; sacct -X -j {arrays}\n  compare: python -m mnist_add.compare {plan.directory}")
+    return 1 if wait and say_ends(plan.to_run, jobs, len(jobs)) else 0
+
+
+def local_parallelism(cfg: JobConfig, plan: sweep.SweepPlan) -> int:
+    """Members at once without a scheduler: no more than this machine's CPUs hold, each member's ranks with their
+    threads (torch's default takes every CPU), and at most job.array_parallelism."""
+    cpus = len(os.sched_getaffinity(0))
+    threads = max(member.cfg.trainer.num_threads or cpus for member in plan.to_run)
+    return max(1, min(cfg.array_parallelism, cpus // ((cfg.gpus_per_node or cfg.tasks_per_node) * threads)))
+
+
+def run_locally(plan: sweep.SweepPlan, executor: submitit.AutoExecutor, parallelism: int) -> int:
+    """The members as processes here, `parallelism` at a time (no scheduler holds the rest back): each one's log
+    said as it starts, its end as it ends."""
+    print(f"running {parallelism} at a time on this machine; compare: python -m mnist_add.compare {plan.directory}",
+          flush=True)
+    failed = done = 0
+    for members in sweep.split(plan.to_run, parallelism):
+        with executor.batch():
+            jobs = [executor.submit(Trainer(training_config(member.cfg))) for member in members]
+        for member, job in zip(members, jobs):
+            print(f"  {member.name}: started, log {job.paths.stderr}", flush=True)
+        failed += say_ends(members, jobs, len(plan.to_run), done)
+        done += len(members)
+    return 1 if failed else 0
+
+
+def say_ends(members: list[sweep.Member], jobs: list, total: int, done: int = 0) -> int:
+    """Wait for each member in turn and say how it ended, counted `N/TOTAL` on from `done`; how many failed."""
+    failed = 0
+    for number, (member, job) in enumerate(zip(members, jobs), start=done + 1):
+        try:
+            summary = job.results()[0]  # rank 0's
+        except Exception as err:  # submitit re-raises the job's failure with its traceback
+            failed += 1
+            print(f"{number}/{total} {member.name} (job {job.job_id}) failed:\n{err}", file=sys.stderr, flush=True)
+            continue
+        ended = summary_line(summary) if summary.get("status") == "completed" else summary.get("status")
+        print(f"{number}/{total} {member.name}: {ended}", flush=True)
+    return failed
 
 
 def max_array_size() -> int:
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
     return sweep.parse_max_array_size(config)
-
-
-def wait_for_sweep(plan: sweep.SweepPlan, jobs: list) -> int:
-    failed = 0
-    for member, job in zip(plan.to_run, jobs):
-        try:
-            summary = job.results()[0]
-            print(f"{member.name}: {summary['status']}")
-        except Exception as err:  # submitit re-raises the job's failure with its traceback
-            failed += 1
-            print(f"error: {member.name} (job {job.job_id}) failed:\n{err}", file=sys.stderr)
-    return 1 if failed else 0
 
 
 def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, DictConfig, sweep.SweepPlan | None]:

@@ -1,6 +1,7 @@
 """job.sweep: expansion, member names and configs, skipping and splitting; job.submit --sweep end to end."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from conftest import REPO, newest_step, run_module, wait_until
 from test_slurm import (HOLD_AT, LONG, assert_bitwise_equal, expected_fingerprint, final_weights, sacct_states,
                         slurm_cluster, summary)  # noqa: F401 (slurm_cluster: a fixture)
 from job import sweep
-from job.submit import SubmitConfig, main
+from job.submit import SubmitConfig, local_parallelism, main, read_command_line
 from job.cluster import slurm_states
 from mnist_add.config import ConfigError, training_config
 from mnist_add.rundir import RunDirLock
@@ -142,13 +143,28 @@ def test_a_local_sweep_runs_every_member_and_a_second_submission_runs_none(tmp_p
             "--sweep", "trainer.seed=0,1", "job.array_parallelism=2"]  # a plain override after the axes
     first = run_module("job.submit", *args, "--wait", timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "sweep sw: 2 to run, 0 finished" in first.stdout and "seed-1: job" in first.stdout
-    assert "seed-0: completed\nseed-1: completed\n" in first.stdout  # --wait: each member's end
+    assert "sweep sw: 2 to run, 0 finished" in first.stdout and "running 2 at a time" in first.stdout
+    started = re.findall(r"^  (seed-\d): started, log (\S+)$", first.stdout, re.MULTILINE)
+    assert [name for name, _ in started] == ["seed-0", "seed-1"] and all(Path(log).is_file() for _, log in started)
+    ends = re.findall(r"^(\d/2) (seed-\d): final weights: test sum", first.stdout, re.MULTILINE)
+    assert ends == [("1/2", "seed-0"), ("2/2", "seed-1")]  # each member's end, counted
+    assert first.stdout.index("seed-1: started") < first.stdout.index("1/2 seed-0")  # said as they start
+    assert sorted(path.name for path in (tmp_path / "sw" / "submitit").iterdir() if path.is_dir()) == []  # no %j
     for seed in (0, 1):
         summary = json.loads((tmp_path / "sw" / f"seed-{seed}" / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 2
     assert main(args) == 0  # in this process: nothing is left to start one
     assert capsys.readouterr().out == "sweep sw: 0 to run, 2 finished and 0 queued or running (skipped)\n"
+
+
+@pytest.mark.parametrize("threads, tasks, parallelism", [(1, 1, 2), (0, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 9)])
+def test_a_local_sweep_runs_no_more_members_at_once_than_the_cpus_hold(tmp_path, monkeypatch, threads, tasks,
+                                                                      parallelism):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(18)) if parallelism == 9 else {0, 1})
+    args = ["--config", "debug", f"run.dir={tmp_path}", f"trainer.num_threads={threads}", "job.cluster=local",
+            f"job.tasks_per_node={tasks}", "job.array_parallelism=9", "--sweep", "trainer.seed=0,1,2"]
+    _, cfg, plan = read_command_line(args)
+    assert local_parallelism(cfg.job, plan) == parallelism
 
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
