@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BEST_NAME = "best.pt"
+FINAL_NAME = "final.pt"  # the weights the tools serve, written when the run completes
 
 # Keys of a training checkpoint (see mnist_add.train); tools that read checkpoints use these.
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
@@ -143,16 +144,22 @@ def _verify_checksums(path: Path) -> None:
 
 
 def _instead(missing: Path) -> str:
-    """For a best.pt not written yet: when it comes, and the step checkpoint that is there now."""
-    if missing.name != BEST_NAME:
-        return ""
+    """What a missing checkpoint's folder says: none (a typo?), a best.pt or final.pt still to come, the newest step
+    checkpoint there now."""
+    if not missing.parent.is_dir():
+        return f" (nor does its folder {missing.parent}: a typo in the path?)"
     steps = Checkpointer(missing.parent, keep=0, write=False).step_paths()
-    now = f"; the newest checkpoint now is {steps[0]}" if steps else ""
-    return f" yet: it is written at the first epoch's end, with the first validation{now}"
+    now = f"; the newest checkpoint there is {steps[0]}" if steps else ""
+    if (missing.parent.parent / "summary.json").exists():  # a completed run: nothing more will be written
+        return now
+    coming = {BEST_NAME: " yet: it is written at the first epoch's end, with the first validation",
+              FINAL_NAME: " yet: it is written when the run completes"}
+    return coming.get(missing.name, "") + now
 
 
 class Checkpointer:
-    """Step checkpoints `step-NNNNNNNN.pt` in one folder, the newest `keep` kept, plus `best.pt`.
+    """Step checkpoints `step-NNNNNNNN.pt` in one folder, the newest `keep` kept, plus `best.pt` and, once the run
+    completes, `final.pt`.
 
     Every rank can load; only a writer (rank 0) touches files.
     """
@@ -179,12 +186,13 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_FILE.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
-    def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
-        """Save step `step` (and `best.pt` first: a step file means its verdict on best is on disk too)."""
+    def save(self, state: dict[str, Any], step: int, best: bool = False, final: bool = False) -> Path:
+        """Save step `step` (and `best.pt`, `final.pt` first: a step file means its verdicts are on disk too)."""
         path = self.directory / f"step-{step:08d}.pt"
         if self.write:
-            if best:
-                save_atomic(state, self.directory / BEST_NAME)
+            for name, wanted in ((BEST_NAME, best), (FINAL_NAME, final)):
+                if wanted:
+                    save_atomic(state, self.directory / name)
             save_atomic(state, path)
             self._prune()
         return path

@@ -1,10 +1,11 @@
 """The evaluation CLI: a checkpoint's exact scores on the test set, or on the run's validation split.
 
-    python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/best.pt [--split val] [--exhaustive] [--json]
+    python -m mnist_add.evaluate --checkpoint runs/default/checkpoints/final.pt [--split val] [--exhaustive] [--json]
     torchrun --nproc_per_node=N -m mnist_add.evaluate --checkpoint ...   # sharded, same numbers
 
 The checkpoint's path is checked before torch is imported (seconds; half a minute on a busy machine), so a
-mistyped path, or a best.pt that the run has not written yet, is said at once.
+mistyped path, or a final.pt that the run has not written yet, is said at once. It prints what it scored (the
+checkpoint, the split, the pairs) and the scores in percent; --json gives the same as fractions.
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         return refuse(err)
     finally:
         distributed.teardown()
-    metrics = {"pairs": result.num_pairs, **result.metrics(prefix="")}
     if not runtime.is_main:
         return 0
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps({"pairs": result.num_pairs, **result.metrics(prefix="")}))
     else:
-        print("\n".join(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in metrics.items()))
+        print(f"{args.checkpoint} on the {'test set' if args.split == 'test' else 'validation split'}: "
+              f"{result.num_pairs:,} (image, addend) pairs")
+        print("\n".join(f"{key:>20}: {value:.2%}" if key.startswith("acc") else f"{key:>20}: {value:.4f}"
+                        for key, value in result.metrics(prefix="").items()))
     return 0
 
 

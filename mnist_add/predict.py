@@ -1,7 +1,7 @@
 """Predict the digit and the sum for one image and an addend, with a trained checkpoint.
 
-    python -m mnist_add.predict --checkpoint runs/default/checkpoints/best.pt digit.png 4 [--json]
-    python -m mnist_add.predict --checkpoint runs/default/checkpoints/best.pt --index 123 4 [--data-root DIR]
+    python -m mnist_add.predict --checkpoint runs/default/checkpoints/final.pt digit.png 4 [--json]
+    python -m mnist_add.predict --checkpoint runs/default/checkpoints/final.pt --index 123 4 [--data-root DIR]
 
 An image of any size is brought into MNIST's form first (`mnist_add.prediction`). The arguments and the paths
 they name are checked before torch is imported (seconds; half a minute on a busy machine), so a mistyped one is

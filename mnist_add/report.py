@@ -10,7 +10,7 @@ Writes into RUN_DIR/report/ (or --out) and prints the paths written:
                                     the final test point, log scale; one panel for a structured sum head,
                                     whose sum is right exactly when its digit is
     confusion_digit.png, confusion_sum.png (not for a structured sum head), misclassified.png
-                                    the test set scored by best.pt (else the newest step checkpoint)
+                                    the test set scored by final.pt (else the newest step checkpoint)
 A run that is still going or was preempted works too: no summary.json is needed, and a run
 without a checkpoint yet gets the learning curves only.
 """
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 from omegaconf import DictConfig
 
-from mnist_add.checkpoint import BEST_NAME, Checkpointer, CheckpointError
+from mnist_add.checkpoint import FINAL_NAME, Checkpointer, CheckpointError
 from mnist_add.config import ConfigError, SumHead, cli_parser, load_config, refuse
 from mnist_add.data import DatasetError, MNISTAdd
 from mnist_add.files import UnreadableFile, present
@@ -156,10 +156,11 @@ def save(figure: Figure, path: Path) -> Path:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """best.pt when the run has evaluated once, else the newest complete step checkpoint, else None."""
+    """final.pt when the run has completed (the weights the tools serve), else the newest complete step checkpoint,
+    else None."""
     directory = run_dir / "checkpoints"
-    if (directory / BEST_NAME).is_file():
-        return directory / BEST_NAME
+    if (directory / FINAL_NAME).is_file():
+        return directory / FINAL_NAME
     step_paths = Checkpointer(directory, keep=0, write=False).step_paths()
     return step_paths[0] if step_paths else None
 

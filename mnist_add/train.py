@@ -139,13 +139,13 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
             log.info("data.val_samples=0: training on all %d images, nothing held out to choose on; best.pt is the "
                      "final weights", len(train_set))
 
-    def save(best: bool = False) -> Path:
+    def save(best: bool = False, final: bool = False) -> Path:
         nonlocal best_on_disk
         check_weights_finite(cfg, learner.model, progress, checkpointer)
         state = {**learner.state_dict(), checkpoint.PROGRESS: progress.state_dict(), checkpoint.RNG: rng_state(),
                  checkpoint.CONFIG: to_dict(cfg), checkpoint.TRACKING_RUN_ID: tracker.run_id}
         best_on_disk |= best
-        return checkpointer.save(state, progress.step, best=best)
+        return checkpointer.save(state, progress.step, best=best, final=final)
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not onto its line
         try:
@@ -199,11 +199,12 @@ def _train(cfg: DictConfig, runtime: Runtime, signals: StopSignals) -> dict:
             tracker.finish(exit_code=1)
             raise
 
-    if not best_on_disk:  # no validation since this run.dir started, or since its best.pt was lost
-        if runtime.is_main:
-            log.warning("no validation in %s chose a best.pt (it started from trainer.resume=PATH at its end, or its "
-                        "best.pt was lost): the final weights are best.pt", run_dir)
-        save(best=True)
+    if not best_on_disk and runtime.is_main:  # no validation since this run.dir started, or since best.pt was lost
+        log.warning("no validation in %s chose a best.pt (it started from trainer.resume=PATH at its end, or its "
+                    "best.pt was lost): the final weights are best.pt", run_dir)
+    # final.pt: the weights the tools serve, which beat best.pt's validation argmax on held-out images
+    # (docs/results.md, "Which weights to serve").
+    save(best=not best_on_disk, final=True)
 
     # The test set scores the final weights and best.pt, once, after every choice was made.
     scores = final_scores(cfg, runtime, learner, splits, checkpointer, progress, validation)

@@ -60,8 +60,8 @@ def test_load_model_returns_an_eval_model_and_its_config(trained):
 
 def test_cli_on_two_ranks_reproduces_the_single_process_training_summary_exactly(trained, data_root):
     run, summary = trained
-    eval_batch_size = load_model(f"{run}/checkpoints/best.pt")[1].trainer.eval_batch_size
-    result = run_module("mnist_add.evaluate", "--checkpoint", f"{run}/checkpoints/best.pt", "--json",
+    eval_batch_size = load_model(f"{run}/checkpoints/final.pt")[1].trainer.eval_batch_size
+    result = run_module("mnist_add.evaluate", "--checkpoint", f"{run}/checkpoints/final.pt", "--json",
                         "--data-root", data_root, "--batch-size", str(eval_batch_size), launcher=torchrun(2))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
@@ -70,9 +70,20 @@ def test_cli_on_two_ranks_reproduces_the_single_process_training_summary_exactly
     assert {key: metrics[key] for key in summary["test"]} == summary["test"]
 
 
+def test_the_text_says_what_it_scored_and_the_scores_in_percent(trained, data_root, capsys):
+    run, summary = trained
+    path = f"{run}/checkpoints/final.pt"
+    assert main(["--checkpoint", path, "--data-root", data_root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{path} on the test set: 10,000 (image, addend) pairs"
+    assert f"{'acc_sum':>20}: {summary['test']['acc_sum']:.2%}" in lines[1:]  # final.pt: the final weights
+    assert main(["--checkpoint", path, "--data-root", data_root, "--split", "val"]) == 0
+    assert capsys.readouterr().out.startswith(f"{path} on the validation split: 256 (image, addend) pairs\n")
+
+
 def test_cli_exhaustive_scores_ten_pairs_per_image(trained, data_root, capsys):
     run, summary = trained
-    assert main(["--checkpoint", f"{run}/checkpoints/best.pt", "--json", "--exhaustive", "--data-root", data_root]) == 0
+    assert main(["--checkpoint", f"{run}/checkpoints/final.pt", "--json", "--exhaustive", "--data-root", data_root]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["pairs"] == 100_000
     # This network reads the digit without the addend, and its sum is digit + addend by construction.
@@ -196,10 +207,23 @@ def test_a_best_pt_not_written_yet_says_when_it_comes_and_names_the_newest_step(
     (tmp_path / "checkpoints").mkdir()
     for name in ("step-00000008.pt", "step-00000016.pt"):
         (tmp_path / "checkpoints" / name).write_bytes((run / "checkpoints" / "step-00000016.pt").read_bytes())
+    newest = f"; the newest checkpoint there is {tmp_path}/checkpoints/step-00000016.pt\n"
     assert main(["--checkpoint", str(tmp_path / "checkpoints" / "best.pt")]) == 2
-    assert capsys.readouterr().err == (
-        f"error: checkpoint {tmp_path}/checkpoints/best.pt does not exist yet: it is written at the first epoch's "
-        f"end, with the first validation; the newest checkpoint now is {tmp_path}/checkpoints/step-00000016.pt\n")
+    assert capsys.readouterr().err == (f"error: checkpoint {tmp_path}/checkpoints/best.pt does not exist yet: it is "
+                                       f"written at the first epoch's end, with the first validation{newest}")
+    assert main(["--checkpoint", str(tmp_path / "checkpoints" / "final.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint {tmp_path}/checkpoints/final.pt does not exist yet: it is "
+                                       f"written when the run completes{newest}")
+    (tmp_path / "summary.json").write_text("{}")  # a finished run: nothing is still to come
+    assert main(["--checkpoint", str(tmp_path / "checkpoints" / "final.pt")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint {tmp_path}/checkpoints/final.pt does not exist{newest}"
+
+
+def test_a_mistyped_run_dir_is_said_as_one(tmp_path, capsys):
+    (tmp_path / "default" / "checkpoints").mkdir(parents=True)
+    assert main(["--checkpoint", str(tmp_path / "defualt" / "checkpoints" / "final.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint {tmp_path}/defualt/checkpoints/final.pt does not exist (nor "
+                                       f"does its folder {tmp_path}/defualt/checkpoints: a typo in the path?)\n")
 
 
 def test_a_missing_checkpoint_is_said_before_torch_is_imported(tmp_path):

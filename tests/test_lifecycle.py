@@ -2,7 +2,7 @@
 
 Rules launch the job (trainer.resume=auto, never, or a PATH from this run or another), stopped at a random step
 by a signal, a crash at one of tests/crash_at.py's points or at a training step, or trainer.max_steps; and damage
-the newest checkpoint, best.pt, metrics.jsonl or summary.json (truncate, corrupt, delete). After every rule:
+the newest checkpoint, best.pt, final.pt, metrics.jsonl or summary.json (truncate, corrupt, delete). After every rule:
 
 - the run directory is valid: every file in it is whole (checkpoints load, every metrics line is a record, a
   summary is a summary), or is a damage this machine made that no launch has had reason to touch yet, or the
@@ -10,10 +10,10 @@ the newest checkpoint, best.pt, metrics.jsonl or summary.json (truncate, corrupt
   crash between a save and its pruning);
 - no launch loses the newest good checkpoint, and a refused launch changes nothing;
 - the same command, without its stop, run on a copy, either finishes with a summary.json whose final weights
-  equal an uninterrupted run's bitwise (deterministic mode), or refuses in one line that names the file and the
+  (final.pt and the last step file) equal an uninterrupted run's bitwise (deterministic mode), or refuses in one line that names the file and the
   fix; that fix, applied, then finishes.
 
-A damaged final checkpoint of a completed run is no longer needed: its weights are not compared.
+A damaged final.pt or last step file of a completed run is not written again: its weights are not compared.
 Seeded (derandomize) like tests/test_fuzz.py; MNIST_ADD_FUZZ_EXAMPLES runs more examples with fresh draws
 (docs/development.md, Fuzzing).
 """
@@ -157,11 +157,12 @@ class RunDirLife(RuleBasedStateMachine):
         return resume
 
     @precondition(lambda self: self.run_dir.exists())
-    @rule(what=st.sampled_from(["newest", "best", "metrics", "summary"]),
+    @rule(what=st.sampled_from(["newest", "best", "final", "metrics", "summary"]),
           how=st.sampled_from(["truncate", "corrupt", "delete"]))
     def damage(self, what, how):
         steps = Checkpointer(self.run_dir / "checkpoints", KEEP, write=False).step_paths()
         path = {"newest": steps[0] if steps else None, "best": self.run_dir / "checkpoints" / checkpoint.BEST_NAME,
+                "final": self.run_dir / "checkpoints" / checkpoint.FINAL_NAME,
                 "metrics": self.run_dir / METRICS_NAME, "summary": self.run_dir / SUMMARY_NAME}[what]
         if path is None or not path.is_file():
             return
@@ -206,12 +207,12 @@ class RunDirLife(RuleBasedStateMachine):
         command = {**self.command, "max_steps": 0}
         summary = self.finish_by_the_fixes(copy, command)
         assert summary["status"] == "completed", summary
-        final = copy / f"checkpoints/step-{TOTAL:08d}.pt"
-        destroyed = str(self.run_dir / final.relative_to(copy)) in self.damaged and \
-            self.damaged[str(self.run_dir / final.relative_to(copy))] == digest(final)
-        if summary["step"] == TOTAL and not destroyed:
-            weights = final_weights(copy)
-            assert all(torch.equal(weights[k], self.expected_weights[k]) for k in weights), "final weights differ"
+        for final in (copy / "checkpoints" / checkpoint.FINAL_NAME, copy / f"checkpoints/step-{TOTAL:08d}.pt"):
+            original = str(self.run_dir / final.relative_to(copy))
+            destroyed = original in self.damaged and self.damaged[original] == digest(final)
+            if summary["step"] == TOTAL and not destroyed:
+                weights = checkpoint.load(final)[checkpoint.MODEL]
+                assert all(torch.equal(weights[k], self.expected_weights[k]) for k in weights), f"{final} differs"
 
     def finish_by_the_fixes(self, copy: Path, command: dict) -> dict:
         """The command; while it refuses, what its one line says to do, then the command that fix names."""

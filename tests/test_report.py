@@ -32,12 +32,13 @@ def finished_run(tmp_path_factory, data_root) -> Path:
 
 @pytest.fixture
 def preempted_run(finished_run, tmp_path) -> Path:
-    """The same run as if killed before its evaluation: no summary, no best.pt, no validation or test
+    """The same run as if killed before its evaluation: no summary, no best.pt or final.pt, no validation or test
     records, and a last line cut short mid-write."""
     run = tmp_path / "preempted"
     shutil.copytree(finished_run, run)
     (run / "summary.json").unlink()
-    (run / "checkpoints" / "best.pt").unlink()
+    for name in ("best.pt", "final.pt"):
+        (run / "checkpoints" / name).unlink()
     metrics = run / "metrics.jsonl"
     lines = [line for line in metrics.read_text().splitlines(keepends=True)
              if SPLITS["val"][0] not in line and SPLITS["test"][0] not in line]
@@ -72,8 +73,8 @@ def test_report_of_a_preempted_run_uses_its_newest_step_checkpoint(preempted_run
     assert_pngs(written)
 
 
-def test_newest_checkpoint_is_best_when_the_run_has_one(finished_run):
-    assert newest_checkpoint(finished_run) == finished_run / "checkpoints" / "best.pt"
+def test_newest_checkpoint_is_final_when_the_run_has_completed(finished_run):
+    assert newest_checkpoint(finished_run) == finished_run / "checkpoints" / "final.pt"
 
 
 def test_a_run_without_checkpoints_gets_the_learning_curves_only(finished_run, tmp_path, capsys):

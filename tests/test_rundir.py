@@ -118,7 +118,7 @@ def test_after_a_crash_at_any_point_best_pt_is_the_best_evaluated_and_keep_k_hol
     best = checkpoint.load(run_dir / "checkpoints/best.pt")
     assert best[checkpoint.PROGRESS]["step"] == best_step
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
-        ["best.pt", "step-00000040.pt", "step-00000048.pt"]  # keep-k, and no temporary file
+        ["best.pt", "final.pt", "step-00000040.pt", "step-00000048.pt"]  # keep-k, and no temporary file
     summary = json.loads((run_dir / "summary.json").read_text())
     uncrashed_summary = json.loads((uncrashed / "summary.json").read_text())
     assert all(summary[key] == uncrashed_summary[key] for key in ("val", "test", "best"))

@@ -26,8 +26,8 @@ if os.environ.get("MNIST_ADD_TEST_HOLD_AT"):
         _live_signals.append(self)
         return _enter(self)
 
-    def _save_then_hold(self, state, step, best=False):
-        path = _save(self, state, step, best)
+    def _save_then_hold(self, state, step, **verdicts):
+        path = _save(self, state, step, **verdicts)
         if step == _HOLD_AT:
             print(f"test hook: holding after the checkpoint of step {step}", file=sys.stderr, flush=True)
             # A collective per round, so that every rank leaves in the same round.
