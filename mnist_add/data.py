@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
-from torchvision.datasets import MNIST
+from torch.utils.data import Dataset, DistributedSampler
 
 from mnist_add.config import ConfigError, DataConfig
 from mnist_add.task import NUM_ADDENDS
@@ -25,6 +25,9 @@ TEST_ADDEND_SEED = 20_240_601  # test pairs never change, whatever the training 
 VAL_SPLIT_SEED = 20_261_204  # which training images are held out for validation: the same for every run
 VAL_ADDEND_SEED = 20_261_205  # validation pairs never change either
 IMAGE_SHAPE = (28, 28)
+# MNIST's files in ROOT/MNIST/raw/, torchvision's layout: (images, labels) of each split
+RAW_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 class DatasetError(RuntimeError):
@@ -50,7 +53,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-class MNISTAdd(MNIST):
+class MNISTAdd(Dataset):
     """MNIST images with a deterministic addend: item `i` is `(image, digit, addend, sum)`.
 
     The training split draws addend `i` uniformly from 0..9 as a function of (seed, epoch, i);
@@ -64,15 +67,9 @@ class MNISTAdd(MNIST):
     def __init__(self, root: str, train: bool = True, download: bool = False, seed: int = 0,
                  num_samples: int = 0, augment: "Augment | None" = None, holdout: int = 0,
                  validation: bool = False):
-        root = os.path.expanduser(root)
-        folders = (os.path.join(root, "MNIST", "raw"), os.path.join(root, "MNIST"), root)
-        made = [folder for folder in folders if not os.path.exists(folder)]
-        try:
-            super().__init__(root, train=train, download=download)
-        except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
-            _remove_empty(made)  # a failed download leaves no empty data/MNIST/raw/ behind
-            raise DatasetError(_explain_load_failure(self.raw_folder, download, err)) from err
-        self._check_loaded(root)
+        self.root, self.train = os.path.expanduser(root), train
+        self.data, self.targets = load_mnist(self.raw_folder, train, download)
+        self._check_loaded()
         self.num_total = len(self.targets)
         self.varies = train and not validation  # addends and warps change with the epoch
         # Original indices of the images kept: addends and warps are drawn for all images and looked up by
@@ -88,16 +85,11 @@ class MNISTAdd(MNIST):
         self.warp_table = torch.empty(len(self.source), augment.width) if self.augment else None
         self.set_epoch(0)
 
-    # torchvision names the folders after the class; ours reads MNIST's own files.
     @property
     def raw_folder(self) -> str:
         return os.path.join(self.root, "MNIST", "raw")
 
-    @property
-    def processed_folder(self) -> str:
-        return os.path.join(self.root, "MNIST", "processed")
-
-    def _check_loaded(self, root: str) -> None:
+    def _check_loaded(self) -> None:
         expected = 60_000 if self.train else 10_000
         if self.data.shape != (expected, *IMAGE_SHAPE) or len(self.targets) != expected or self.targets.max() > 9:
             raise DatasetError(_corrupt(self.raw_folder, f"images {tuple(self.data.shape)}, {len(self.targets)} "
@@ -140,6 +132,41 @@ class MNISTAdd(MNIST):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         images, digits, addends, sums = self.batch(torch.tensor([index]))
         return images[0], int(digits[0]), int(addends[0]), int(sums[0])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def load_mnist(raw: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images ([N, 28, 28] uint8) and digits ([N] int64) from `raw`; missing files are downloaded there
+    through torchvision when asked. torchvision is imported only then: it takes seconds, on every process start."""
+    made = [folder for folder in (raw, os.path.dirname(raw), os.path.dirname(os.path.dirname(raw)))
+            if not os.path.exists(folder)]
+    try:
+        if download and not all(os.path.isfile(os.path.join(raw, name)) for name in (*RAW_FILES[True],
+                                                                                      *RAW_FILES[False])):
+            from torchvision.datasets import MNIST
+            MNIST(os.path.dirname(os.path.dirname(raw)), train=train, download=True)
+        images, labels = (os.path.join(raw, name) for name in RAW_FILES[train])
+        return read_idx(images), read_idx(labels).long()
+    except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+        _remove_empty(made)  # a failed download leaves no empty data/MNIST/raw/ behind
+        raise DatasetError(_explain_load_failure(raw, download, err)) from err
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An idx file of unsigned bytes (MNIST's format): a big-endian header of the type and the size of each
+    dimension, then the values."""
+    with open(path, "rb") as f:
+        content = f.read()
+    header = 4 + 4 * (content[3] if len(content) >= 4 else 0)
+    if len(content) < header or content[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{os.path.basename(path)} has no idx header of unsigned bytes")
+    shape = struct.unpack_from(f">{content[3]}I", content, 4)
+    if len(content) != header + math.prod(shape):
+        raise ValueError(f"{os.path.basename(path)} holds {len(content) - header} values, its header says "
+                         f"{math.prod(shape)}")
+    return torch.frombuffer(bytearray(content), dtype=torch.uint8, offset=header).view(shape)
 
 
 def split_indices(num_total: int, holdout: int, validation: bool) -> torch.Tensor:
@@ -195,8 +222,7 @@ class Augment:
 
 
 def _explain_load_failure(raw: str, download: bool, err: Exception) -> str:
-    names = [os.path.splitext(os.path.basename(url))[0] for url, _ in MNIST.resources]
-    if all(os.path.isfile(os.path.join(raw, name)) for name in names):
+    if all(os.path.isfile(os.path.join(raw, name)) for name in (*RAW_FILES[True], *RAW_FILES[False])):
         return _corrupt(raw, str(err).splitlines()[0] if str(err) else type(err).__name__)
     tried = f"downloading {_download_failure_cause(err)}" if download else "data.download=false"
     return (

@@ -3,6 +3,8 @@ import http.server
 import math
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from mnist_add.config import ConfigError, load_config
 from mnist_add.data import (ELASTIC_GRID, MEAN, NUM_ADDENDS, STD, Augment, DatasetError, GlobalBatchSampler, MNISTAdd,
@@ -85,6 +88,23 @@ def test_an_unwarped_epoch_has_the_plain_images_and_the_same_addends(data_root):
     plain.set_epoch(2)
     assert torch.equal(clean.images, plain.batch(torch.arange(64)).images)
     assert torch.equal(clean.addends, before.addends) and not torch.equal(clean.images, before.images)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_files_read_as_torchvision_reads_them(data_root, train):
+    ours = MNISTAdd(data_root, train=train)
+    raw = Path(data_root) / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    assert torch.equal(ours.data, read_image_file(str(raw / f"{prefix}-images-idx3-ubyte")))
+    assert torch.equal(ours.targets, read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte")))
+
+
+def test_training_starts_without_importing_torchvision():
+    """torchvision's import takes seconds (it pulls in torch._dynamo), on every rank of every launch: only a
+    download, predict's image reading and these tests need it."""
+    imported = subprocess.run([sys.executable, "-c", "import sys, mnist_add.train; print('torchvision' in sys.modules)"],
+                              capture_output=True, text=True, check=True).stdout
+    assert imported == "False\n"
 
 
 def test_missing_dataset_error_names_the_path_and_both_fixes(tmp_path):
