@@ -89,15 +89,14 @@ def uninterrupted(tmp_path_factory, data_root):
     return run_dir
 
 
-def test_two_ranks_train_on_the_single_process_sample_sequence(data_root, tmp_path):
-    launch(data_root, tmp_path / "one", *SEED_NET)
+def test_two_ranks_train_on_the_single_process_sample_sequence(seed_net_on_one_rank, data_root, tmp_path):
     launch(data_root, tmp_path / "two", *SEED_NET, nproc=2)
-    one, two = summary(tmp_path / "one"), summary(tmp_path / "two")
+    one, two = summary(seed_net_on_one_rank), summary(tmp_path / "two")
     assert two["world_size"] == 2 and two["fingerprint"] == one["fingerprint"]
     for key in ("acc_digit", "acc_sum"):
         assert two["test"][key] == pytest.approx(one["test"][key], abs=0.01)
     # Without BatchNorm, DDP's averaged gradient equals the single-process one up to rounding.
-    for name, tensor in final_weights(tmp_path / "one").items():
+    for name, tensor in final_weights(seed_net_on_one_rank).items():
         assert torch.allclose(final_weights(tmp_path / "two")[name], tensor, atol=1e-4), name
 
 
@@ -105,7 +104,7 @@ def test_two_ranks_train_on_the_single_process_sample_sequence(data_root, tmp_pa
 def test_sharded_evaluation_counts_do_not_depend_on_the_world_size(uninterrupted, data_root, split, pairs):
     best = str(uninterrupted / "checkpoints" / "best.pt")
     results = []
-    for nproc in (1, 2, 3):
+    for nproc in (1, 3):  # 3 ranks: shards of unequal size
         launcher = torchrun(nproc) if nproc > 1 else ()
         result = run_module("mnist_add.evaluate", "--checkpoint", best, "--json", "--data-root", data_root,
                             "--split", split, launcher=launcher)
@@ -133,9 +132,11 @@ def test_a_killed_rank_is_restarted_and_the_job_ends_bitwise_equal(uninterrupted
     assert summary(tmp_path)["test"] == summary(uninterrupted)["test"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2],
-                         ids=lambda signum: signum.name)
-@pytest.mark.parametrize("target", ["agent", "worker"])
+# Each stop signal once, each target twice: the agent forwards whatever it gets alike, and a worker tells the others
+# alike whatever it got (every stop signal's handler: the test below).
+@pytest.mark.parametrize("target, signum", [("agent", signal.SIGINT), ("agent", signal.SIGUSR1),
+                                            ("worker", signal.SIGHUP), ("worker", signal.SIGUSR2)],
+                         ids=lambda value: getattr(value, "name", value))
 def test_a_stop_signal_to_the_agent_or_a_worker_saves_one_checkpoint_and_a_relaunch_ends_bitwise_equal(
         uninterrupted, data_root, tmp_path, signum, target):
     process = start_long_job(data_root, tmp_path, nproc=2)
@@ -168,12 +169,19 @@ def test_workers_whose_agent_is_killed_stop_with_a_checkpoint(uninterrupted, dat
     assert_bitwise_equal(final_weights(tmp_path), final_weights(uninterrupted))
 
 
+@pytest.fixture(scope="module")
+def seed_net_on_one_rank(tmp_path_factory, data_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("seed-net")
+    launch(data_root, run_dir, *SEED_NET)
+    return run_dir
+
+
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resuming_on_another_world_size_continues_the_same_samples(data_root, tmp_path, first, then):
-    launch(data_root, tmp_path / "whole", *SEED_NET)
+def test_resuming_on_another_world_size_continues_the_same_samples(seed_net_on_one_rank, data_root, tmp_path, first,
+                                                                   then):
     launch(data_root, tmp_path / "moved", *SEED_NET, "trainer.max_steps=40", nproc=first)  # stops mid-epoch 1
     launch(data_root, tmp_path / "moved", *SEED_NET, nproc=then)
-    whole, moved = summary(tmp_path / "whole"), summary(tmp_path / "moved")
+    whole, moved = summary(seed_net_on_one_rank), summary(tmp_path / "moved")
     assert moved["resumed_from"].endswith("step-00000040.pt") and moved["world_size"] == then
     assert moved["fingerprint"] == whole["fingerprint"]
     assert moved["test"]["acc_sum"] == pytest.approx(whole["test"]["acc_sum"], abs=0.01)
@@ -227,6 +235,13 @@ def test_a_stop_signal_to_a_single_process_job_saves_and_a_relaunch_ends_bitwise
     launch(data_root, tmp_path / "cut", *SEED_NET)
     launch(data_root, tmp_path / "whole", *SEED_NET)
     assert_bitwise_equal(final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("signum", stop_signals({}), ids=lambda signum: signum.name)
+def test_every_stop_signal_the_process_gets_is_its_reason_to_stop(signum):
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signum)  # its handler has run once the next Python call begins
+        assert signals.reason() == signum.name
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_a_third_is_ignored():
