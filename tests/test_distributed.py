@@ -349,24 +349,20 @@ def test_an_environment_no_launcher_makes_is_one_line_naming_the_variable(env, s
     assert str(refused.value).startswith(said) and "\n" not in str(refused.value), str(refused.value)
 
 
-@pytest.mark.parametrize("env, said", [
-    ({**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "1"}, "LOCAL_WORLD_SIZE=1 must exceed the local rank (1)"),
-    ({**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "9"}, "LOCAL_WORLD_SIZE=9 must exceed the local rank (1) and be at most"),
-])
-def test_a_node_of_more_ranks_than_the_job_or_fewer_than_its_local_rank_is_refused(env, said):
+@pytest.mark.parametrize("read, env, said", [
+    # a node of more ranks than the job, or of fewer than its local rank
+    (local_world_size, {**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "1"}, "LOCAL_WORLD_SIZE=1 must exceed the local rank (1)"),
+    (local_world_size, {**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "9"},
+     "LOCAL_WORLD_SIZE=9 must exceed the local rank (1) and be at most"),
+    # a rendezvous address missing or malformed
+    (rendezvous_env, {"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set, though WORLD_SIZE=2"),
+    (rendezvous_env, {**TORCHRUN_ENV, "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a whole number from 1 to 65535"),
+    (rendezvous_env, {**TORCHRUN_ENV, "MASTER_ADDR": "two hosts"}, "MASTER_ADDR='two hosts' is not a host name or address"),
+    (rendezvous_env, {**SRUN_ENV, "SLURM_JOB_ID": "x"}, "SLURM_JOB_ID=x is not a whole number"),
+], ids=lambda value: getattr(value, "__name__", None))
+def test_a_launcher_value_out_of_range_or_malformed_is_refused_before_any_rendezvous(read, env, said):
     with pytest.raises(ConfigError, match=re.escape(said)):
-        local_world_size(env)
-
-
-@pytest.mark.parametrize("env, said", [
-    ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set, though WORLD_SIZE=2"),
-    ({**TORCHRUN_ENV, "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a whole number from 1 to 65535"),
-    ({**TORCHRUN_ENV, "MASTER_ADDR": "two hosts"}, "MASTER_ADDR='two hosts' is not a host name or address"),
-    ({**SRUN_ENV, "SLURM_JOB_ID": "x"}, "SLURM_JOB_ID=x is not a whole number"),
-])
-def test_a_rendezvous_address_missing_or_malformed_is_refused_before_it_is_tried(env, said):
-    with pytest.raises(ConfigError, match=re.escape(said)):
-        rendezvous_env(env)
+        read(env)
 
 
 @pytest.mark.parametrize("env, said", [
