@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real MNIST files from ../shared/data, small configs, run helpers."""
+"""Shared test fixtures: the real MNIST files from MNIST_ADD_DATA_ROOT, small configs, run helpers."""
 
 import logging
 import os
@@ -12,7 +12,7 @@ import pytest
 from mnist_add.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = Path(os.environ.get("MNIST_ADD_DATA_ROOT", REPO.parent / "shared" / "data"))
+DATA_ROOT = Path(os.environ.get("MNIST_ADD_DATA_ROOT", REPO / "data"))  # the job's own default
 
 
 @pytest.fixture(autouse=True)
