@@ -68,7 +68,7 @@ class MNISTAdd(Dataset):
                  num_samples: int = 0, augment: "Augment | None" = None, holdout: int = 0,
                  validation: bool = False):
         self.root, self.train = os.path.expanduser(root), train
-        self.data, self.targets = load_mnist(self.raw_folder, train, download)
+        self.data, self.targets = load_mnist(self.root, train, download)
         self._check_loaded()
         self.num_total = len(self.targets)
         self.varies = train and not validation  # addends and warps change with the epoch
@@ -137,16 +137,16 @@ class MNISTAdd(Dataset):
         return len(self.data)
 
 
-def load_mnist(raw: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's images ([N, 28, 28] uint8) and digits ([N] int64) from `raw`; missing files are downloaded there
-    through torchvision when asked. torchvision is imported only then: it takes seconds, on every process start."""
-    made = [folder for folder in (raw, os.path.dirname(raw), os.path.dirname(os.path.dirname(raw)))
-            if not os.path.exists(folder)]
+def load_mnist(root: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images ([N, 28, 28] uint8) and digits ([N] int64) from ROOT/MNIST/raw/; missing files are downloaded
+    there through torchvision when asked. torchvision is imported only then: it takes seconds, on every process
+    start."""
+    raw = os.path.join(root, "MNIST", "raw")
+    made = [folder for folder in (raw, os.path.dirname(raw), root) if not os.path.exists(folder)]
     try:
-        if download and not all(os.path.isfile(os.path.join(raw, name)) for name in (*RAW_FILES[True],
-                                                                                      *RAW_FILES[False])):
+        if download and not _all_files(raw):
             from torchvision.datasets import MNIST
-            MNIST(os.path.dirname(os.path.dirname(raw)), train=train, download=True)
+            MNIST(root, train=train, download=True)
         images, labels = (os.path.join(raw, name) for name in RAW_FILES[train])
         return read_idx(images), read_idx(labels).long()
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
@@ -221,8 +221,12 @@ class Augment:
         return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
 
 
+def _all_files(raw: str) -> bool:
+    return all(os.path.isfile(os.path.join(raw, name)) for split in RAW_FILES.values() for name in split)
+
+
 def _explain_load_failure(raw: str, download: bool, err: Exception) -> str:
-    if all(os.path.isfile(os.path.join(raw, name)) for name in (*RAW_FILES[True], *RAW_FILES[False])):
+    if _all_files(raw):
         return _corrupt(raw, str(err).splitlines()[0] if str(err) else type(err).__name__)
     tried = f"downloading {_download_failure_cause(err)}" if download else "data.download=false"
     return (
